@@ -1,0 +1,3 @@
+from vrfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""The `vrfs` command line: argument parsing and one-line errors, nothing more.
+
+Each subcommand hands its parsed arguments to the module that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vrfs import DEFAULT_PORT, __version__
+from vrfs.errors import EXIT_USAGE, UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+        raise UserError(f"{self.prog}: {message} (see --help)", EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="vrfs",
+        description="Replicate virtual machine disk images to a disaster-recovery site.",
+        epilog="Protected site: `vrfs mount`. DR site: `vrfs serve`. Both: `vrfs status`.",
+    )
+    p.add_argument("--version", action="version", version=f"vrfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    m = sub.add_parser(
+        "mount",
+        help="serve a datastore directory through FUSE, tracking and replicating its disks",
+        description=(
+            "Serve SOURCE through FUSE at MOUNTPOINT (or over SOURCE itself), tracking every "
+            "changed block of every file. With --peer, ship the changes to a `vrfs serve` "
+            "receiver at the DR site. Returns once the mount is ready; the daemon keeps running "
+            "until `vrfs umount`, SIGTERM or SIGINT."
+        ),
+    )
+    m.add_argument("source", metavar="SOURCE", help="directory holding the disk images")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?",
+                   help="empty directory to mount at (default: mount over SOURCE)")
+    m.add_argument("--peer", metavar="HOST:PORT",
+                   help=f"DR-site receiver to replicate to (port defaults to {DEFAULT_PORT})")
+    m.add_argument("--name", metavar="NAME",
+                   help="name of this source at the DR site (default: the host name)")
+    m.add_argument("--rpo", metavar="DURATION", default="5m",
+                   help="recovery point objective of every disk, e.g. 30s, 5m, 1h (default: 5m)")
+    m.add_argument("--block-size", metavar="SIZE", default="64K",
+                   help="tracking granularity, a power of two from 4K to 1M (default: 64K); "
+                        "fixed for a datastore once its state exists")
+    m.add_argument("--compress-level", metavar="N", type=int, default=1,
+                   help="zstd level for shipped blocks (default: 1)")
+    m.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground and log to standard error")
+    m.add_argument("--no-tracking", action="store_true",
+                   help="bare passthrough without change tracking (for benchmarks only)")
+    m.add_argument("--no-writeback-cache", action="store_true",
+                   help="disable the kernel's writeback cache (see docs/datastore.md)")
+    m.add_argument("--log", metavar="FILE",
+                   help="log file of the background daemon (default: SOURCE/.vrfs/mount.log)")
+    m.add_argument("--debug", action="store_true", help="log every request")
+
+    u = sub.add_parser("umount", help="shut a datastore down cleanly",
+                       description="Unmount MOUNTPOINT, let its daemon write its final checkpoint, "
+                                   "and return when the mount is gone.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--timeout", metavar="DURATION", default="60s",
+                   help="how long to wait for the daemon to finish (default: 60s)")
+
+    s = sub.add_parser("status", help="show the state of every disk",
+                       description="At the protected site: the disks of a mounted datastore. "
+                                   "At the DR site (--store): the replicated disks in a store.")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    s.add_argument("--store", metavar="URL", help="a DR-site store, e.g. dir:/srv/replicas")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    r = sub.add_parser(
+        "serve", help="receive replication at the DR site",
+        description="Accept replication from protected sites and keep each replica at a "
+                    "crash-consistent point in STORE.",
+    )
+    r.add_argument("--listen", metavar="HOST:PORT", default=f"0.0.0.0:{DEFAULT_PORT}",
+                   help=f"address to listen on (default: 0.0.0.0:{DEFAULT_PORT})")
+    r.add_argument("--store", metavar="URL", required=True,
+                   help="where replicas live: dir:PATH (sparse files) or dev:MAPFILE (block devices)")
+    r.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the foreground and log to standard error")
+    r.add_argument("--log", metavar="FILE", help="log file of the background daemon")
+    r.add_argument("--debug", action="store_true", help="verbose logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "mount":
+            from vrfs.mount import mount_main
+            return mount_main(args)
+        if args.command == "umount":
+            from vrfs.mount import umount_main
+            return umount_main(args)
+        if args.command == "status":
+            from vrfs.status import status_main
+            return status_main(args)
+        if args.command == "serve":
+            from vrfs.serve import serve_main
+            return serve_main(args)
+        raise AssertionError(args.command)
+    except UserError as exc:
+        print(f"vrfs: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130

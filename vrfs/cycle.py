@@ -1,0 +1,76 @@
+"""What a cycle is, shared by the shipper (source side) and the receiver (DR side).
+
+A cycle is one shipment of one group: the group's whole namespace at the cut
+(every disk with its identity, path and size) plus the changed blocks of its
+disks. Files of the group that are absent from ``disks`` are deleted at the DR
+site; a disk whose ``disk_id`` is known under another path was renamed. This
+is how creations, deletions, renames and size changes travel inside cycles.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 1 << 20
+MAX_DISK_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt or hostile header
+MAX_PATH_BYTES = 4096
+MAX_DISKS_PER_GROUP = 4096
+
+
+class BadPath(ValueError):
+    pass
+
+
+def group_of(path: str) -> str:
+    """The group of a datastore path: its first component (a VM's directory,
+    or a top-level file which is a group of its own)."""
+    return path.split("/", 1)[0]
+
+
+def check_path(path: str, group: str | None = None) -> str:
+    """Validate a datastore-relative path received from a peer or a user.
+
+    Refuses what could leave the datastore or the group: absolute paths, '..',
+    '.', empty components, NUL, the reserved '.vrfs' state directory, paths
+    outside ``group``. Returns the path unchanged.
+    """
+    if not isinstance(path, str) or not path:
+        raise BadPath("empty path")
+    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH_BYTES:
+        raise BadPath("path too long")
+    if "\0" in path:
+        raise BadPath("path contains NUL")
+    if path.startswith("/"):
+        raise BadPath(f"absolute path {path!r}")
+    parts = path.split("/")
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise BadPath(f"path {path!r} has an empty, '.' or '..' component")
+    if parts[0] == ".vrfs":
+        raise BadPath(f"path {path!r} is in the reserved .vrfs directory")
+    if group is not None and parts[0] != group:
+        raise BadPath(f"path {path!r} is outside group {group!r}")
+    return path
+
+
+@dataclass(frozen=True)
+class DiskEntry:
+    """One disk of a group as of the cut."""
+
+    disk_id: bytes  # 16 bytes, stable across renames, chosen by the source
+    path: str  # relative to the datastore, first component == group
+    size: int  # bytes, at the cut
+    block_size: int
+
+    @property
+    def block_count(self) -> int:
+        return (self.size + self.block_size - 1) // self.block_size
+
+
+@dataclass(frozen=True)
+class CycleHeader:
+    group: str
+    cycle_id: int  # increasing per (source, group); a point is a committed cycle
+    cut_time: float  # unix time of the cut
+    disks: tuple[DiskEntry, ...]

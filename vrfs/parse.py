@@ -1,0 +1,47 @@
+"""Parsing of operator input: sizes, durations, addresses. Bad input raises UserError."""
+
+import re
+
+from vrfs import DEFAULT_PORT
+from vrfs.errors import EXIT_USAGE, UserError
+
+_SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'64K', '1M', '4096', '2GiB' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UserError(f"bad {what} {text!r}: expected a number with an optional K, M, G or T suffix", EXIT_USAGE)
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).upper()]
+
+
+def parse_block_size(text: str) -> int:
+    size = parse_size(text, "block size")
+    if size < 4096 or size > (1 << 20) or size & (size - 1):
+        raise UserError(f"bad block size {text!r}: must be a power of two from 4K to 1M", EXIT_USAGE)
+    return size
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """'5m', '30s', '1h', '90' (seconds) -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m or float(m.group(1)) <= 0:
+        raise UserError(f"bad {what} {text!r}: expected a positive number with an optional s, m, h or d suffix", EXIT_USAGE)
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_address(text: str, default_host: str = "", what: str = "address") -> tuple[str, int]:
+    """'host:port', 'host', ':port', '[::1]:port' -> (host, port)."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]*)(?::(\d+))?", text.strip())
+    if not m or text.strip() == "":
+        raise UserError(f"bad {what} {text!r}: expected HOST:PORT", EXIT_USAGE)
+    host = m.group(1) or m.group(3) or default_host
+    port_text = m.group(2) or m.group(4)
+    port = int(port_text) if port_text else DEFAULT_PORT
+    if not host:
+        raise UserError(f"bad {what} {text!r}: no host given", EXIT_USAGE)
+    if not 0 < port < 65536:
+        raise UserError(f"bad {what} {text!r}: port must be 1-65535", EXIT_USAGE)
+    return host, port
