@@ -1,0 +1,300 @@
+"""The source end of the replication link: what the shipper calls.
+
+A ``Link`` is one TCP connection to a ``vrfs serve`` receiver. Every failure
+(refused or reset connection, protocol error, an error reported by the
+receiver, a timeout) is raised as ``LinkError``; after one, the link is
+unusable and the caller connects again. Calls on one link are serialized.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field as dc_field
+
+import trio
+import xxhash
+
+from vrfs import __version__
+from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.wire import (
+    MAX_BATCH_RECORDS,
+    EncodedBatch,
+    FrameStream,
+    MsgType,
+    ProtocolError,
+    block_length,
+    check_name,
+    decode_control,
+    decode_error,
+    decode_hashes,
+    disk_to_json,
+    encode_batch,
+    field,
+    header_to_json,
+    int_field,
+)
+
+BATCH_TARGET = 2 << 20  # raw bytes per batch; stays below wire.MAX_BATCH_RAW with one more block
+PIPELINE_DEPTH = 8  # batches compressed or queued ahead of the socket
+SOCKET_BUFFER = 4 << 20
+CONNECT_TIMEOUT = 30.0
+REPLY_TIMEOUT = 600.0  # the receiver applies a whole cycle before it answers
+
+
+class LinkError(Exception):
+    """The link failed; it must be reconnected."""
+
+
+def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
+    """Best effort: large buffers for long fat links, the chosen congestion control, keepalive."""
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+        except OSError:
+            pass
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except OSError:
+        pass
+    if congestion and hasattr(socket, "TCP_CONGESTION"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
+        except OSError:
+            pass
+
+
+async def _open_socket(host: str, port: int, congestion: str | None) -> trio.SocketStream:
+    # The socket is built by hand so its buffers are sized before the SYN
+    # (the window scale is fixed at connection setup).
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last: OSError | None = None
+    for family, type_, proto, _, addr in infos:
+        sock = trio.socket.socket(family, type_, proto)
+        tune_socket(sock, congestion)
+        try:
+            await sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        return trio.SocketStream(sock)
+    raise last or OSError(f"no address for {host}")
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = dc_field(default_factory=trio.Event)
+    batch: EncodedBatch | None = None
+
+
+class Link:
+    def __init__(self, frames: FrameStream, store_id: str, points: dict[str, int], zstd_level: int):
+        self._frames = frames
+        self.store_id = store_id
+        self.points = points
+        self.zstd_level = zstd_level
+        self._lock = trio.Lock()
+        self._broken: str | None = None
+
+    @classmethod
+    async def connect(cls, host: str, port: int, source_name: str, *, zstd_level: int = 1,
+                      congestion: str | None = "cubic", threads: int = 2) -> Link:
+        try:
+            check_name(source_name, "source name")
+        except ProtocolError as exc:
+            raise LinkError(str(exc)) from None
+        limiter = trio.CapacityLimiter(threads)
+        stream = None
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await _open_socket(host, port, congestion)
+                frames = FrameStream(stream, limiter)
+                await frames.send_control(MsgType.HELLO, {"source": source_name, "software": f"vrfs {__version__}"})
+                frame = await frames.receive_expect(MsgType.WELCOME)
+                welcome = decode_control(frame.payload)
+                store_id = field(welcome, "store_id", str)
+                raw_points = field(welcome, "points", dict)
+                points = {}
+                for group, value in raw_points.items():
+                    if isinstance(value, bool) or not isinstance(value, int):
+                        raise ProtocolError("bad point in WELCOME")
+                    points[check_name(group, "group")] = value
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
+            if stream is not None:
+                await stream.aclose()
+            raise LinkError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
+        return cls(frames, store_id, points, zstd_level)
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._frames.bytes_sent
+
+    async def aclose(self) -> None:
+        self._broken = self._broken or "closed"
+        await self._frames.stream.aclose()
+
+    def _usable(self) -> None:
+        if self._broken:
+            raise LinkError(f"link is unusable: {self._broken}")
+
+    async def _fail(self, exc: BaseException, doing: str) -> LinkError:
+        self._broken = f"{doing}: {_describe(exc)}"
+        with trio.CancelScope(shield=True):
+            await self._frames.stream.aclose()
+        return LinkError(self._broken)
+
+    async def fetch_hashes(self, group: str, disk: DiskEntry) -> list[bytes | None] | None:
+        """Per-block xxh3-128 digests of the receiver's copy of ``disk`` (None for
+        zero blocks and holes), or None if the receiver has no copy."""
+        async with self._lock:
+            self._usable()
+            try:
+                with trio.fail_after(REPLY_TIMEOUT):
+                    await self._frames.send_control(MsgType.HASHES_REQ, {"group": group, "disk": disk_to_json(disk)})
+                    digests: list[bytes | None] = []
+                    while True:
+                        frame = await self._frames.receive_expect(MsgType.HASHES, MsgType.HASHES_END, MsgType.ERROR)
+                        if frame.type == MsgType.ERROR:
+                            raise ProtocolError(f"receiver: {decode_error(frame.payload)}")
+                        if frame.type == MsgType.HASHES_END:
+                            end = decode_control(frame.payload)
+                            if not field(end, "present", bool):
+                                return None
+                            if int_field(end, "blocks", 0, 1 << 40) != len(digests):
+                                raise ProtocolError("hash count does not match HASHES_END")
+                            return digests
+                        digests.extend(decode_hashes(frame.payload, len(digests)))
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
+                raise await self._fail(exc, "fetching hashes") from exc
+            except BaseException as exc:  # cancelled mid-exchange: the stream is out of step
+                await self._fail(exc, "fetching hashes interrupted")
+                raise
+
+    async def send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
+        """Stream one cycle and return once the receiver has committed and applied
+        it. Returns the time the receiver took to answer after CYCLE_END (seconds)."""
+        async with self._lock:
+            self._usable()
+            try:
+                return await self._send_cycle(header, blocks)
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
+                reason = await self._receiver_reason()
+                if reason:
+                    exc = ProtocolError(f"receiver: {reason}")
+                raise await self._fail(exc, f"sending cycle {header.cycle_id} of {header.group}") from exc
+            except BaseException as exc:  # a caller's bad block or a cancellation: the stream is out of step
+                await self._fail(exc, "sending interrupted")
+                raise
+
+    async def _receiver_reason(self) -> str | None:
+        """After a failed send the receiver may have said why before closing."""
+        try:
+            with trio.move_on_after(2):
+                while True:
+                    frame = await self._frames.receive()
+                    if frame is None:
+                        return None
+                    if frame.type == MsgType.ERROR:
+                        return decode_error(frame.payload)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+            pass
+        return None
+
+    async def _send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
+        frames = self._frames
+        await frames.send_control(MsgType.CYCLE_BEGIN, header_to_json(header))
+        try:
+            count, manifest = await self._stream_blocks(header, blocks)
+        except BaseExceptionGroup as group:  # report the one failure that mattered, not the group
+            raise _first_leaf(group) from None
+        await frames.send_control(MsgType.CYCLE_END, {"blocks": count, "manifest": manifest})
+        started = trio.current_time()
+        with trio.fail_after(REPLY_TIMEOUT):
+            frame = await frames.receive_expect(MsgType.COMMITTED, MsgType.ERROR)
+        if frame.type == MsgType.ERROR:
+            raise ProtocolError(f"receiver: {decode_error(frame.payload)}")
+        reply = decode_control(frame.payload)
+        if reply.get("group") != header.group or reply.get("cycle_id") != header.cycle_id:
+            raise ProtocolError("COMMITTED does not match the cycle sent")
+        self.points[header.group] = header.cycle_id
+        return trio.current_time() - started
+
+    async def _stream_blocks(self, header: CycleHeader,
+                             blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> tuple[int, str]:
+        """Batches are compressed in worker threads while earlier ones are sent;
+        an ordered queue of pending batches keeps them in sequence and bounds
+        how many are in memory."""
+        frames = self._frames
+        manifest = xxhash.xxh3_64()
+        count = 0
+        send_queue, ordered = trio.open_memory_channel[_Pending](PIPELINE_DEPTH)
+
+        async def encode(pending: _Pending, batch: list[tuple[int, int, bytes | None]]) -> None:
+            pending.batch = await trio.to_thread.run_sync(encode_batch, batch, self.zstd_level, limiter=frames.limiter)
+            pending.done.set()
+
+        async def sender() -> None:
+            nonlocal count
+            async with ordered:
+                async for pending in ordered:
+                    await pending.done.wait()
+                    assert pending.batch is not None
+                    manifest.update(pending.batch.manifest)
+                    count += pending.batch.count
+                    await frames.send_raw(pending.batch.frame)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender)
+            async with send_queue:
+                batch: list[tuple[int, int, bytes | None]] = []
+                raw = 0
+                async for disk_index, block_index, data in blocks:
+                    _check_block(header, disk_index, block_index, data)
+                    batch.append((disk_index, block_index, data))
+                    raw += len(data) if data is not None else 0
+                    if raw >= BATCH_TARGET or len(batch) >= MAX_BATCH_RECORDS:
+                        pending = _Pending()
+                        nursery.start_soon(encode, pending, batch)
+                        await send_queue.send(pending)
+                        batch, raw = [], 0
+                if batch:
+                    pending = _Pending()
+                    nursery.start_soon(encode, pending, batch)
+                    await send_queue.send(pending)
+        return count, manifest.hexdigest()
+
+
+def _first_leaf(group: BaseExceptionGroup) -> BaseException:
+    leaves = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    for exc in leaves:
+        if not isinstance(exc, trio.Cancelled):
+            return exc
+    return leaves[0]
+
+
+def _check_block(header: CycleHeader, disk_index: int, block_index: int, data: bytes | None) -> None:
+    # A caller's mistake, not a link failure: the receiver would refuse the cycle.
+    if not 0 <= disk_index < len(header.disks):
+        raise ValueError(f"disk index {disk_index} outside the cycle's {len(header.disks)} disks")
+    disk = header.disks[disk_index]
+    if not 0 <= block_index < disk.block_count:
+        raise ValueError(f"block {block_index} beyond the end of {disk.path}")
+    if data is not None and len(data) != block_length(disk, block_index):
+        raise ValueError(f"block {block_index} of {disk.path} has {len(data)} bytes, expected "
+                         f"{block_length(disk, block_index)}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, trio.BrokenResourceError) and exc.__cause__ is not None:
+        return str(exc.__cause__) or type(exc.__cause__).__name__
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,228 @@
+"""The DR end of the replication link: one session per connection.
+
+A session answers HELLO with the store's identity and points, then serves
+hash requests (full sync) and cycles. A cycle is staged in a journal, checked
+against its manifest, made durable, committed, applied and only then
+acknowledged (docs/receiver.md). Anything wrong with what the peer sends ends
+that connection alone, with one log line naming the peer and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+import xxhash
+
+from vrfs import __version__
+from vrfs.cycle import CycleHeader
+from vrfs.store import Store, StoreError
+from vrfs.store.base import GroupState, hash_blocks
+from vrfs.store.journal import Journal
+from vrfs.wire import (
+    MAX_HASHES_PER_FRAME,
+    FrameStream,
+    MsgType,
+    ProtocolError,
+    check_name,
+    decode_batch,
+    decode_control,
+    disk_from_json,
+    encode_hashes,
+    field,
+    header_from_json,
+    int_field,
+)
+
+log = logging.getLogger("vrfs.receiver")
+
+HANDSHAKE_TIMEOUT = 30.0
+# Test hook: VRFS_TEST_CRASH=staging exits the process after the first staged
+# batch, =committed right after the commit record, before apply. See docs/receiver.md.
+CRASH_ENV = "VRFS_TEST_CRASH"
+
+T = TypeVar("T")
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        log.warning("%s=%s: exiting now", CRASH_ENV, name)
+        logging.shutdown()
+        os._exit(86)
+
+
+class Receiver:
+    def __init__(self, store: Store, *, threads: int = 4):
+        self.store = store
+        self.limiter = trio.CapacityLimiter(threads)
+        self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle in progress
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
+
+    async def recover(self) -> None:
+        """Redo apply of committed journals and drop staging left by a previous run."""
+        for source, journal in await self._run(self.store.leftover_journals):
+            try:
+                state = await self._run(self.store.settle, source, journal)
+            except (OSError, StoreError) as exc:
+                log.error("recovery of %s/%s failed, retried with its next cycle: %s",
+                          source, journal.path.name, exc)
+                continue
+            if state is None:
+                log.info("discarded uncommitted staging of %s/%s", source, journal.path.name)
+            else:
+                log.info("redid apply of %s/%s cycle %d", source, journal.path.name, state.cycle_id)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        """Serve one connection until it ends. Never raises (except cancellation)."""
+        peer = _peer_name(stream)
+        frames = FrameStream(stream, self.limiter)
+        try:
+            await self._session(frames, peer)
+        except ProtocolError as exc:
+            log.warning("%s: refused: %s; closing connection", peer, exc)
+            await _send_error(frames, str(exc))
+        except StoreError as exc:
+            log.error("%s: store error: %s; closing connection", peer, exc)
+            await _send_error(frames, str(exc))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.warning("%s: connection lost: %s", peer, exc.__cause__ or exc)
+        except OSError as exc:
+            log.error("%s: I/O error in the store: %s; closing connection", peer, exc)
+            await _send_error(frames, f"receiver I/O error: {exc}")
+        except Exception as exc:
+            log.exception("%s: internal error; closing connection", peer)
+            await _send_error(frames, f"receiver internal error: {type(exc).__name__}")
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _session(self, frames: FrameStream, peer: str) -> None:
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
+            hello = decode_control((await frames.receive_expect(MsgType.HELLO)).payload)
+        if scope.cancelled_caught:
+            raise ProtocolError(f"no HELLO within {HANDSHAKE_TIMEOUT:g} s")
+        source = check_name(field(hello, "source", str), "source name")
+        points = await self._run(self.store.points, source)
+        await frames.send_control(MsgType.WELCOME, {
+            "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}"})
+        log.info("%s: source %r connected", peer, source)
+        while True:
+            frame = await frames.receive()
+            if frame is None:
+                log.info("%s: source %r disconnected", peer, source)
+                return
+            if frame.type == MsgType.HASHES_REQ:
+                await self._serve_hashes(frames, source, decode_control(frame.payload))
+            elif frame.type == MsgType.CYCLE_BEGIN:
+                header = header_from_json(decode_control(frame.payload))
+                await self._receive_cycle(frames, peer, source, header)
+            else:
+                raise ProtocolError(f"unexpected {frame.type.name} between cycles")
+
+    async def _serve_hashes(self, frames: FrameStream, source: str, request: dict[str, Any]) -> None:
+        group = check_name(field(request, "group", str), "group")
+        disk = disk_from_json(request.get("disk"), group)
+        copy = await self._run(self.store.open_copy, source, group, disk)
+        if copy is None:
+            await frames.send_control(MsgType.HASHES_END, {"present": False})
+            return
+        try:
+            count = math.ceil(copy.size / disk.block_size)
+            for first in range(0, count, MAX_HASHES_PER_FRAME):
+                n = min(MAX_HASHES_PER_FRAME, count - first)
+                payload = await self._run(lambda: encode_hashes(first, hash_blocks(copy, disk.block_size, first, n)))
+                await frames.send(MsgType.HASHES, payload)
+        finally:
+            os.close(copy.fd)
+        await frames.send_control(MsgType.HASHES_END, {"present": True, "blocks": count})
+
+    async def _receive_cycle(self, frames: FrameStream, peer: str, source: str, header: CycleHeader) -> None:
+        key = (source, header.group)
+        if key in self._busy:
+            raise ProtocolError(f"group {header.group!r} of {source!r} is already receiving a cycle "
+                                "on another connection")
+        self._busy.add(key)
+        try:
+            # A committed journal left by a failed apply goes in before anything newer.
+            await self._run(self.store.settle, source, Journal(self.store.journal_path(source, header.group)))
+            old = await self._run(self.store.load_group, source, header.group)
+            if old is not None and header.cycle_id <= old.cycle_id:
+                raise ProtocolError(f"cycle {header.cycle_id} of {header.group!r} is not newer than "
+                                    f"the committed point {old.cycle_id}")
+            await self._run(self.store.check_cycle, source, header, old)
+            journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
+            committed = False
+            try:
+                await self._stage(frames, header, journal)
+                committed = True
+                _crash_point("committed")
+                state = await self._run(self.store.apply, source, journal)
+            finally:
+                if not committed:
+                    with trio.CancelScope(shield=True):
+                        await self._run(journal.discard)
+        finally:
+            self._busy.discard(key)
+        await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
+        log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
+
+    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> GroupState | None:
+        """Receive the cycle's batches into the journal and commit it once the manifest checks out."""
+        # A hostile peer must not fill the store: no cycle holds more blocks than its disks have.
+        limit = sum(d.block_count for d in header.disks)
+        manifest = xxhash.xxh3_64()
+        count = 0
+        while True:
+            frame = await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)
+            if frame.type == MsgType.CYCLE_END:
+                break
+            batch = await self._run(decode_batch, frame.payload, header.disks)
+            count += batch.count
+            if count > limit:
+                raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
+            await self._run(journal.append, batch.journal)
+            manifest.update(batch.manifest)
+            _crash_point("staging")
+        end = decode_control(frame.payload)
+        declared = int_field(end, "blocks", 0, 1 << 62)
+        if declared != count:
+            raise ProtocolError(f"manifest declares {declared} blocks, received {count}")
+        if field(end, "manifest", str) != manifest.hexdigest():
+            raise ProtocolError("manifest hash does not match the blocks received")
+        await self._run(journal.commit, header, count, manifest.hexdigest())
+        return None
+
+
+async def _send_error(frames: FrameStream, message: str) -> None:
+    """Tell the peer why, best effort, without waiting long for a stuck peer.
+
+    The peer may still be sending batches: closing with unread data would
+    reset the connection and lose the ERROR frame, so the rest of its input
+    is drained (for a bounded time) after our side is shut.
+    """
+    with trio.move_on_after(3):
+        try:
+            await frames.send_control(MsgType.ERROR, {"message": message[:1000]})
+            await frames.stream.send_eof()  # type: ignore[attr-defined]
+            drained = 0
+            while drained < (64 << 20):
+                chunk = await frames.stream.receive_some(1 << 20)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, AttributeError):
+            pass
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    except (OSError, AttributeError, ValueError):
+        return "unknown peer"

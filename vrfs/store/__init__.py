@@ -1,0 +1,50 @@
+"""DR-site stores, chosen by URL: `dir:PATH` (sparse files) or `dev:MAPFILE` (block devices)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vrfs.errors import UserError
+from vrfs.store.base import GroupState, Store, StoreError
+
+__all__ = ["GroupState", "Store", "StoreError", "open_store", "store_from_url", "store_status"]
+
+
+def store_from_url(url: str) -> Store:
+    """The store a URL names, not yet opened. Raises StoreError for a bad URL."""
+    scheme, sep, rest = url.partition(":")
+    if not sep or not rest:
+        raise StoreError(f"bad store URL {url!r}: expected dir:PATH or dev:MAPFILE")
+    path = Path(rest).expanduser().absolute()
+    if scheme == "dir":
+        from vrfs.store.dirstore import DirStore
+        return DirStore(url, path)
+    if scheme == "dev":
+        from vrfs.store.devstore import DevStore
+        return DevStore(url, path)
+    raise StoreError(f"bad store URL {url!r}: unknown kind {scheme!r} (expected dir: or dev:)")
+
+
+def open_store(url: str) -> Store:
+    """Open a store for serving: creates its state and takes its lock."""
+    store = store_from_url(url)
+    store.open()
+    return store
+
+
+def store_status(url: str) -> list[dict]:
+    """Every replicated disk of a store, read without locking it (for `vrfs status --store`).
+
+    A bad URL or a directory that is not a store raises UserError (one line for the operator)."""
+    try:
+        store = store_from_url(url)
+    except StoreError as exc:
+        raise UserError(str(exc)) from None
+    if not store.state_dir.is_dir():
+        raise UserError(f"{url} is not a vrfs store (no {store.state_dir})")
+    out = []
+    for source, _group, state in store.groups():
+        point = {"id": state.cycle_id, "cut_time": state.cut_time}
+        for disk in state.disks:
+            out.append({"source": source, "path": disk.path, "size": disk.size, "point": point})
+    return out

@@ -1,0 +1,273 @@
+"""What every DR-site store does: metadata, journals, the apply procedure.
+
+A store keeps, under its state directory: ``store-id`` (who it is: a source
+that sees another id knows its target was replaced), ``lock`` (one `vrfs
+serve` per store), ``meta/SOURCE/GROUP.json`` (the group's newest point and
+its disks), ``journal/SOURCE/GROUP/`` (the cycle being staged or applied) and
+``limbo/SOURCE/GROUP/`` (disks between their old and new names during a
+rename). Backends (dirstore, devstore) only say where a disk's bytes live.
+
+Methods here do blocking I/O: the receiver calls them in worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import xxhash
+
+from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.store.durable import atomic_write, fsync_dir, remove_tree
+from vrfs.store.journal import Journal
+from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
+
+HASH_READ = 8 << 20
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked; the message is for the operator and the peer."""
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """A group's newest point in the store."""
+
+    cycle_id: int
+    cut_time: float
+    disks: tuple[DiskEntry, ...]
+
+    def to_json(self) -> dict:
+        return {"cycle_id": self.cycle_id, "cut_time": self.cut_time, "disks": [disk_to_json(d) for d in self.disks]}
+
+    @classmethod
+    def from_json(cls, obj: dict, group: str) -> GroupState:
+        return cls(int(obj["cycle_id"]), float(obj["cut_time"]), tuple(disk_from_json(d, group) for d in obj["disks"]))
+
+    def by_id(self) -> dict[bytes, DiskEntry]:
+        return {d.disk_id: d for d in self.disks}
+
+
+@dataclass(frozen=True)
+class Copy:
+    """An open replica (or seed) of a disk, for hashing."""
+
+    fd: int
+    size: int
+    sparse: bool  # SEEK_DATA/SEEK_HOLE tell holes apart
+
+
+class Store(ABC):
+    def __init__(self, url: str, state_dir: Path):
+        self.url = url
+        self.state_dir = state_dir
+        self.store_id = ""
+        self._lock_fd: int | None = None
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def open(self) -> None:
+        """Prepare the state directory and take the store's lock (for `vrfs serve`)."""
+        try:
+            self.state_dir.mkdir(exist_ok=True)
+            for sub in ("meta", "journal", "limbo"):
+                (self.state_dir / sub).mkdir(exist_ok=True)
+            self._lock_fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot use {self.state_dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise StoreError(f"store {self.url} is in use by another vrfs serve") from None
+        id_file = self.state_dir / "store-id"
+        if not id_file.exists():
+            atomic_write(id_file, uuid.uuid4().hex.encode() + b"\n")
+        self.store_id = id_file.read_text().strip()
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- metadata -----------------------------------------------------------
+
+    def _meta_path(self, source: str, group: str) -> Path:
+        return self.state_dir / "meta" / source / f"{group}.json"
+
+    def load_group(self, source: str, group: str) -> GroupState | None:
+        try:
+            return GroupState.from_json(json.loads(self._meta_path(source, group).read_bytes()), group)
+        except FileNotFoundError:
+            return None
+
+    def save_group(self, source: str, group: str, state: GroupState) -> None:
+        path = self._meta_path(source, group)
+        path.parent.mkdir(exist_ok=True)
+        atomic_write(path, json.dumps(state.to_json()).encode())
+
+    def points(self, source: str) -> dict[str, int]:
+        return {group: state.cycle_id for src, group, state in self.groups() if src == source}
+
+    def groups(self) -> list[tuple[str, str, GroupState]]:
+        out = []
+        meta = self.state_dir / "meta"
+        if not meta.is_dir():
+            return out
+        for source_dir in sorted(meta.iterdir()):
+            for f in sorted(source_dir.glob("*.json")):
+                group = f.name[: -len(".json")]
+                state = self.load_group(source_dir.name, group)
+                if state is not None:
+                    out.append((source_dir.name, group, state))
+        return out
+
+    # --- journals -----------------------------------------------------------
+
+    def journal_path(self, source: str, group: str) -> Path:
+        return self.state_dir / "journal" / source / group
+
+    def leftover_journals(self) -> list[tuple[str, Journal]]:
+        """Journals left by a crash or a dropped connection, as (source, journal)."""
+        out = []
+        for source_dir in sorted((self.state_dir / "journal").iterdir()):
+            for group_dir in sorted(source_dir.iterdir()):
+                try:
+                    check_name(source_dir.name), check_name(group_dir.name)
+                except ProtocolError:
+                    continue  # not ours; never touch it
+                out.append((source_dir.name, Journal(group_dir)))
+        return out
+
+    def settle(self, source: str, journal: Journal) -> GroupState | None:
+        """Finish what a previous run left: apply a committed journal, drop staging."""
+        if journal.committed:
+            return self.apply(source, journal)
+        journal.discard()
+        return None
+
+    # --- apply --------------------------------------------------------------
+
+    def apply(self, source: str, journal: Journal) -> GroupState:
+        """Bring the group's replica to the committed cycle of ``journal``.
+
+        Idempotent, so a crash anywhere in it is repaired by running it again:
+        1. move renamed and deleted disks out of the way into limbo (renames
+           could swap names), then write the ``limbo-filled`` marker so a redo
+           never moves a file that already reached its new name;
+        2. move disks from limbo to their new names (a redo finds them gone);
+        3. set each disk's size, write the journal's blocks, fsync;
+        4. record the point, then remove the journal.
+        """
+        header = journal.header()
+        old = self.load_group(source, header.group)
+        old_by_id = old.by_id() if old else {}
+        limbo = self.state_dir / "limbo" / source / header.group
+        if not (journal.path / Journal.LIMBO_FILLED).exists():
+            limbo.mkdir(parents=True, exist_ok=True)
+            self.move_out(source, header, old_by_id, limbo)
+            atomic_write(journal.path / Journal.LIMBO_FILLED, b"")
+        self.move_in(source, header, old_by_id, limbo)
+        fds: list[int] = []
+        try:
+            for disk in header.disks:
+                fds.append(self.open_for_apply(source, disk, old_by_id.get(disk.disk_id)))
+            for disk_index, block_index, data in journal.records():
+                disk = header.disks[disk_index]
+                offset = block_index * disk.block_size
+                if data is None:
+                    self.zero(fds[disk_index], offset, block_length(disk, block_index))
+                else:
+                    write_all(fds[disk_index], data, offset)
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self.sync_namespace(source, header, old)
+        state = GroupState(header.cycle_id, header.cut_time, header.disks)
+        self.save_group(source, header.group, state)
+        journal.discard()
+        remove_tree(limbo)
+        return state
+
+    # --- what a backend provides ---------------------------------------------
+
+    def check_cycle(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
+        """Refuse, before anything is staged, a cycle this store cannot hold."""
+
+    @abstractmethod
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None: ...
+
+    @abstractmethod
+    def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None: ...
+
+    @abstractmethod
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
+        """An fd to write the disk's blocks to, already at the disk's new size."""
+
+    @abstractmethod
+    def zero(self, fd: int, offset: int, length: int) -> None: ...
+
+    def sync_namespace(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
+        """Make renames and deletions durable before the point is recorded."""
+
+    @abstractmethod
+    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
+        """The store's copy of ``disk``: by disk_id if known, else by path; None if there is none."""
+
+
+def write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def data_extents(fd: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The data (non-hole) ranges of [start, end), found without reading."""
+    out = []
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from here on
+                break
+            return [(start, end)]  # no SEEK_DATA here: treat all as data
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        out.append((data, min(hole, end)))
+        pos = hole
+    return out
+
+
+def hash_blocks(copy: Copy, block_size: int, first: int, count: int) -> list[bytes | None]:
+    """xxh3-128 of blocks [first, first+count) of a copy; None for holes and all-zero blocks."""
+    start = first * block_size
+    end = min(copy.size, (first + count) * block_size)
+    extents = data_extents(copy.fd, start, end) if copy.sparse else [(start, end)]
+    out: list[bytes | None] = []
+    ext = 0
+    for index in range(first, first + count):
+        offset = index * block_size
+        length = min(block_size, copy.size - offset)
+        while ext < len(extents) and extents[ext][1] <= offset:
+            ext += 1
+        if ext == len(extents) or extents[ext][0] >= offset + length:
+            out.append(None)
+            continue
+        data = os.pread(copy.fd, length, offset)
+        if len(data) < length:  # the copy is shorter than it claims: the rest reads as zeros
+            data += bytes(length - len(data))
+        out.append(None if data.count(0) == len(data) else xxhash.xxh3_128_digest(data))
+    return out

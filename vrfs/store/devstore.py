@@ -1,0 +1,184 @@
+"""`dev:MAPFILE`: each disk's latest point is on a raw block device.
+
+MAPFILE maps disks to devices, one per line (see docs/receiver.md):
+
+    # SOURCE/PATH-IN-DATASTORE   DEVICE
+    hv1/vm1/disk0.raw            /dev/vg0/vm1-disk0
+
+State lives in MAPFILE.vrfs/. A device is taken as it is: its content counts
+as the store's copy (a seed) until the first cycle of the disk arrives; the
+source's full sync compares block hashes, so only differences travel. The map
+is read again for every cycle, so a mapping can be added without a restart.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+
+from vrfs.cycle import BadPath, CycleHeader, DiskEntry, check_path
+from vrfs.store.base import Copy, Store, StoreError, write_all
+from vrfs.wire import ProtocolError, check_name
+
+BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a range, offloaded to the device where it can be
+COPY_CHUNK = 4 << 20
+
+
+def parse_map(text: str, origin: str) -> dict[tuple[str, str], Path]:
+    """{(source, path): device} from the map file's text."""
+    out: dict[tuple[str, str], Path] = {}
+    devices: set[Path] = set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        where = f"{origin}:{lineno}"
+        if len(fields) != 2:
+            raise StoreError(f"{where}: expected 'SOURCE/PATH DEVICE'")
+        name, device = fields
+        source, _, path = name.partition("/")
+        try:
+            check_name(source, "source name")
+            check_path(path)
+        except (ProtocolError, BadPath) as exc:
+            raise StoreError(f"{where}: {exc}") from None
+        if not device.startswith("/"):
+            raise StoreError(f"{where}: device {device!r} is not an absolute path")
+        dev = Path(device)
+        if (source, path) in out or dev in devices:
+            raise StoreError(f"{where}: {name} or {device} is mapped twice")
+        out[(source, path)] = dev
+        devices.add(dev)
+    return out
+
+
+def device_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+class DevStore(Store):
+    def __init__(self, url: str, mapfile: Path):
+        super().__init__(url, Path(f"{mapfile}.vrfs"))
+        self.mapfile = mapfile
+        self.map: dict[tuple[str, str], Path] = {}
+
+    def read_map(self) -> dict[tuple[str, str], Path]:
+        try:
+            text = self.mapfile.read_text()
+        except OSError as exc:
+            raise StoreError(f"cannot read device map {self.mapfile}: {exc.strerror or exc}") from None
+        self.map = parse_map(text, str(self.mapfile))
+        return self.map
+
+    def open(self) -> None:
+        self.read_map()
+        super().open()
+
+    def device(self, source: str, path: str) -> Path:
+        try:
+            return self.map[(source, path)]
+        except KeyError:
+            raise StoreError(f"{source}/{path} has no device in {self.mapfile}") from None
+
+    def check_cycle(self, source: str, header: CycleHeader, old) -> None:  # type: ignore[no-untyped-def]
+        self.read_map()
+        written = set()
+        for disk in header.disks:
+            dev = self.device(source, disk.path)
+            written.add(dev)
+            try:
+                fd = os.open(dev, os.O_RDONLY)
+            except OSError as exc:
+                raise StoreError(f"cannot open {dev} for {source}/{disk.path}: {exc.strerror}") from None
+            try:
+                mode = os.fstat(fd).st_mode
+                size = device_size(fd)
+            finally:
+                os.close(fd)
+            if not (stat.S_ISBLK(mode) or stat.S_ISREG(mode)):
+                raise StoreError(f"{dev} is not a block device")
+            if disk.size > size:
+                raise StoreError(f"{source}/{disk.path} is {disk.size} bytes, larger than {dev} ({size} bytes)")
+        # A rename copies the old device to the new one during apply; a redo is
+        # only safe if nothing in the cycle writes the old device.
+        old_by_id = old.by_id() if old else {}
+        for disk in header.disks:
+            before = old_by_id.get(disk.disk_id)
+            if before and before.path != disk.path:
+                src = self.map.get((source, before.path))
+                if src is not None and src in written:
+                    raise StoreError(f"rename of {before.path} to {disk.path}: {src} is written by the same cycle; "
+                                     "a device store cannot rename in a chain or swap")
+
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
+        pass  # devices stay where they are; a deleted disk's device is simply no longer used
+
+    def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
+        for disk in header.disks:
+            before = old.get(disk.disk_id)
+            if before is None or before.path == disk.path:
+                continue
+            src = self.map.get((source, before.path))
+            dst = self.device(source, disk.path)
+            if src is not None and src != dst:
+                self._copy(src, dst, min(before.size, disk.size))
+
+    def _copy(self, src: Path, dst: Path, size: int) -> None:
+        sfd = os.open(src, os.O_RDONLY)
+        try:
+            dfd = os.open(dst, os.O_WRONLY)
+            try:
+                offset = 0
+                while offset < size:
+                    data = os.pread(sfd, min(COPY_CHUNK, size - offset), offset)
+                    if not data:
+                        break
+                    write_all(dfd, data, offset)
+                    offset += len(data)
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        finally:
+            os.close(sfd)
+
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
+        dev = self.device(source, disk.path)
+        fd = os.open(dev, os.O_RDWR)
+        if device_size(fd) < disk.size:
+            os.close(fd)
+            raise StoreError(f"{source}/{disk.path} is {disk.size} bytes, larger than {dev}")
+        if old is not None and disk.size > old.size:
+            # A file that grows reads as zeros past its old end; so must the device.
+            self.zero(fd, old.size, disk.size - old.size)
+        return fd
+
+    def zero(self, fd: int, offset: int, length: int) -> None:
+        if offset % 512 == 0 and length % 512 == 0 and length:
+            try:
+                fcntl.ioctl(fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass  # not a block device, or no support: write zeros
+        chunk = bytes(min(length, COPY_CHUNK))
+        end = offset + length
+        while offset < end:
+            n = min(len(chunk), end - offset)
+            write_all(fd, chunk[:n], offset)
+            offset += n
+
+    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
+        state = self.load_group(source, group)
+        known = state.by_id().get(disk.disk_id) if state else None
+        dev = self.map.get((source, known.path if known else disk.path))
+        if dev is None:
+            return None
+        try:
+            fd = os.open(dev, os.O_RDONLY)
+        except OSError:
+            return None
+        size = known.size if known else min(disk.size, device_size(fd))
+        return Copy(fd, size, sparse=False)

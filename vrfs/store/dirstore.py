@@ -1,0 +1,135 @@
+"""`dir:PATH`: each disk's latest point is a sparse file PATH/SOURCE/PATH-IN-DATASTORE.
+
+Zero blocks become holes. State lives in PATH/.vrfs/ (see store/base.py).
+File names come only from paths checked by wire.check_path, and files are
+opened without following a final symlink.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from pathlib import Path
+
+from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.store.base import Copy, GroupState, Store, StoreError, write_all
+from vrfs.store.durable import fsync_dir
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+class DirStore(Store):
+    def __init__(self, url: str, root: Path):
+        super().__init__(url, root / ".vrfs")
+        self.root = root
+
+    def open(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot use store directory {self.root}: {exc.strerror or exc}") from None
+        if not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is not a directory")
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreError(f"store directory {self.root} is not writable")
+        super().open()
+
+    def replica(self, source: str, path: str) -> Path:
+        return self.root / source / path
+
+    def _is_file(self, p: Path) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(p).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
+        new = {d.disk_id: d for d in header.disks}
+        for disk_id, entry in old.items():
+            target = new.get(disk_id)
+            if target is not None and target.path == entry.path:
+                continue
+            p = self.replica(source, entry.path)
+            if not self._is_file(p):
+                continue  # already moved or removed by an earlier try
+            if target is None:
+                os.unlink(p)
+            else:
+                os.replace(p, limbo / disk_id.hex())
+            fsync_dir(p.parent)
+        fsync_dir(limbo)
+
+    def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
+        for disk in header.disks:
+            parked = limbo / disk.disk_id.hex()
+            if disk.disk_id in old and self._is_file(parked):
+                dest = self.replica(source, disk.path)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(parked, dest)
+
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
+        # A file already at the path of a disk new to the store is a seed: keep it.
+        p = self.replica(source, disk.path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise StoreError(f"cannot open replica {p}: {exc.strerror or exc}") from None
+        os.ftruncate(fd, disk.size)
+        return fd
+
+    def zero(self, fd: int, offset: int, length: int) -> None:
+        if not punch_hole(fd, offset, length):
+            write_all(fd, bytes(length), offset)
+
+    def sync_namespace(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
+        base = self.root / source
+        dirs = {self.replica(source, d.path).parent for d in header.disks}
+        if old:
+            # Directories emptied by renames and deletions go too, up to the source's directory.
+            current = {d.path for d in header.disks}
+            for d in old.disks:
+                if d.path in current:
+                    continue
+                parent = self.replica(source, d.path).parent
+                while parent != base and base in parent.parents:
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        dirs.add(parent)
+                        break
+                    parent = parent.parent
+        for d in dirs:
+            if d.is_dir():
+                fsync_dir(d)
+        if base.is_dir():
+            fsync_dir(base)
+
+    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
+        state = self.load_group(source, group)
+        known = state.by_id().get(disk.disk_id) if state else None
+        p = self.replica(source, known.path if known else disk.path)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return Copy(fd, st.st_size, sparse=True)

@@ -1,0 +1,85 @@
+"""The staging journal of one cycle, kept in the store's own space.
+
+A journal directory holds ``blocks`` (the cycle's block records, appended as
+they arrive, uncompressed: wire.BATCH_RECORD followed by the data of a data
+block) and, once the cycle is verified and durable, ``commit.json`` (the
+commit record: the cycle header, block count and manifest). A journal
+without a commit record is staging and is thrown away; one with a commit
+record is applied, again after a crash (apply is idempotent), then removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from vrfs.cycle import CycleHeader
+from vrfs.store.durable import atomic_write, fsync_dir, remove_tree
+from vrfs.wire import BATCH_RECORD, KIND_DATA, header_from_json, header_to_json
+
+READ_CHUNK = 8 << 20
+
+
+class Journal:
+    BLOCKS = "blocks"
+    COMMIT = "commit.json"
+    LIMBO_FILLED = "limbo-filled"  # apply progress marker, see Store.apply
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    @classmethod
+    def create(cls, path: Path) -> Journal:
+        remove_tree(path)
+        path.mkdir(parents=True)
+        journal = cls(path)
+        journal._fd = os.open(path / cls.BLOCKS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        return journal
+
+    def append(self, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+    def commit(self, header: CycleHeader, count: int, manifest: str) -> None:
+        """Make the staged blocks durable, then write the commit record: from here on the cycle is a point."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        fsync_dir(self.path)
+        record = {"header": header_to_json(header), "blocks": count, "manifest": manifest}
+        atomic_write(self.path / self.COMMIT, json.dumps(record).encode())
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        remove_tree(self.path)
+
+    @property
+    def committed(self) -> bool:
+        return (self.path / self.COMMIT).exists()
+
+    def header(self) -> CycleHeader:
+        record = json.loads((self.path / self.COMMIT).read_bytes())
+        return header_from_json(record["header"])
+
+    def records(self) -> Iterator[tuple[int, int, bytes | None]]:
+        """(disk index, block index, data or None for a zero block), reading in large chunks."""
+        with open(self.path / self.BLOCKS, "rb", buffering=READ_CHUNK) as f:
+            while True:
+                head = f.read(BATCH_RECORD.size)
+                if not head:
+                    return
+                if len(head) != BATCH_RECORD.size:
+                    raise OSError(f"journal {self.path} is truncated")
+                disk_index, block_index, kind, length = BATCH_RECORD.unpack(head)
+                data = f.read(length) if kind == KIND_DATA else None
+                if data is not None and len(data) != length:
+                    raise OSError(f"journal {self.path} is truncated")
+                yield disk_index, block_index, data
