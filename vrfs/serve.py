@@ -91,7 +91,16 @@ def _daemonize(store: Store, host: str, port: int, log_file: Path | None, debug:
             os.dup2(devnull, fd)
         os.close(devnull)
         os.chdir("/")
-        code = _run(store, host, port, ready=lambda: report("OK"))
+        pid_file = store.state_dir / "serve.pid"
+
+        def ready() -> None:
+            pid_file.write_text(f"{os.getpid()}\n")  # how an operator (or a test) finds the daemon
+            report("OK")
+
+        try:
+            code = _run(store, host, port, ready=ready)
+        finally:
+            pid_file.unlink(missing_ok=True)
     except UserError as exc:
         log.error("%s", exc)
         report(str(exc))
