@@ -102,10 +102,12 @@ def _daemonize(store: Store, host: str, port: int, log_file: Path | None, debug:
         finally:
             pid_file.unlink(missing_ok=True)
     except UserError as exc:
-        log.error("%s", exc)
+        if logging.getLogger().handlers:  # before that, the parent prints it
+            log.error("%s", exc)
         report(str(exc))
     except BaseException as exc:  # the daemon must say something rather than vanish
-        log.exception("receiver daemon failed")
+        if logging.getLogger().handlers:
+            log.exception("receiver daemon failed")
         report(f"receiver daemon failed: {type(exc).__name__}: {exc}")
     finally:
         logging.shutdown()

@@ -39,6 +39,8 @@ class DirStore(Store):
         self.root = root
 
     def open(self) -> None:
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"store directory {self.root} is not a directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
