@@ -172,7 +172,7 @@ async def test_kill_after_commit_redoes_apply(tmp_path: Path, store: Path) -> No
         link = await connect(server)
         with pytest.raises(LinkError):
             await send(link, model, header("vm1", 1, a), [(0, 1, rand(BS, 20)), (0, 3, rand(BS, 21))])
-        assert server.wait() == 86
+        assert server.wait() == -9
         assert (store / ".vrfs/journal/hv1/vm1/commit.json").exists()
         assert not (store / "hv1/vm1/a.raw").exists()  # died before apply
         server.env = {}
@@ -202,7 +202,7 @@ async def test_kill_during_staging_keeps_previous_point(tmp_path: Path, store: P
         with pytest.raises(LinkError):
             # Several batches: the receiver dies after staging the first.
             await link.send_cycle(header("vm1", 2, a), aiter_blocks([(0, i, rand(BS, 100 + i)) for i in range(64)]))
-        assert server.wait() == 86
+        assert server.wait() == -9
         server.env = {}
         server.start()
         assert_replica(store, model)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -41,8 +42,9 @@ from vrfs.wire import (
 log = logging.getLogger("vrfs.receiver")
 
 HANDSHAKE_TIMEOUT = 30.0
-# Test hook: VRFS_TEST_CRASH=staging exits the process after the first staged
-# batch, =committed right after the commit record, before apply. See docs/receiver.md.
+# Test hook: VRFS_TEST_CRASH=staging kills the process (SIGKILL, no cleanup)
+# after the first staged batch, =committed right after the commit record,
+# before apply. See docs/receiver.md.
 CRASH_ENV = "VRFS_TEST_CRASH"
 
 T = TypeVar("T")
@@ -50,9 +52,9 @@ T = TypeVar("T")
 
 def _crash_point(name: str) -> None:
     if os.environ.get(CRASH_ENV) == name:
-        log.warning("%s=%s: exiting now", CRASH_ENV, name)
+        log.warning("%s=%s: killing myself", CRASH_ENV, name)
         logging.shutdown()
-        os._exit(86)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Receiver:
