@@ -173,7 +173,7 @@ class Link:
 
     async def send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
         """Stream one cycle and return once the receiver has committed and applied
-        it. Returns the time the receiver took to answer after CYCLE_END (seconds)."""
+        it. Returns the seconds from CYCLE_BEGIN to the acknowledgment."""
         async with self._lock:
             self._usable()
             try:
@@ -203,13 +203,13 @@ class Link:
 
     async def _send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
         frames = self._frames
+        started = trio.current_time()
         await frames.send_control(MsgType.CYCLE_BEGIN, header_to_json(header))
         try:
             count, manifest = await self._stream_blocks(header, blocks)
         except BaseExceptionGroup as group:  # report the one failure that mattered, not the group
             raise _first_leaf(group) from None
         await frames.send_control(MsgType.CYCLE_END, {"blocks": count, "manifest": manifest})
-        started = trio.current_time()
         with trio.fail_after(REPLY_TIMEOUT):
             frame = await frames.receive_expect(MsgType.COMMITTED, MsgType.ERROR)
         if frame.type == MsgType.ERROR:
