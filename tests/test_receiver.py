@@ -121,9 +121,19 @@ async def test_swap_and_stale_cycle(server: Server, store: Path) -> None:
     await send(link, model, header("vm1", 6, disk(1, "vm1/y", BS), disk(2, "vm1/x", BS)), [])
     model.files = {"vm1/x": bytearray(b"Y" * BS), "vm1/y": bytearray(b"X" * BS)}
     assert_replica(store, model)
+    # A disk's directory is emptied and a new disk takes its name, in one cycle.
+    deep = disk(3, "vm1/d/deep.raw", BS)
+    await send(link, model, header("vm1", 7, disk(1, "vm1/y", BS), disk(2, "vm1/x", BS), deep),
+               [(2, 0, b"D" * BS)])
+    assert_replica(store, model)
+    del model.files["vm1/d/deep.raw"]
+    await send(link, model, header("vm1", 8, disk(1, "vm1/y", BS), disk(2, "vm1/x", BS), disk(4, "vm1/d", BS)),
+               [(2, 0, b"F" * BS)])
+    assert_replica(store, model)
+    x, y = disk(1, "vm1/x", BS), disk(2, "vm1/y", BS)
     # A cycle that is not newer than the point is refused, and changes nothing.
     with pytest.raises(LinkError, match="not newer"):
-        await link.send_cycle(header("vm1", 6, x, y), aiter_blocks([(0, 0, b"Q" * BS)]))
+        await link.send_cycle(header("vm1", 8, x, y), aiter_blocks([(0, 0, b"Q" * BS)]))
     assert_replica(store, model)
     with pytest.raises(LinkError, match="unusable"):
         await link.fetch_hashes("vm1", x)

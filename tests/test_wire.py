@@ -181,7 +181,7 @@ async def test_frame_stall_times_out() -> None:
         await frames.receive()
 
 
-@pytest.mark.parametrize("payload", [b"\xff\xfe", b"[1,2]", b"not json"])
+@pytest.mark.parametrize("payload", [b"\xff\xfe", b"[1,2]", b"not json", b"[" * 200000, b"9" * 10000])
 def test_control_refusals(payload: bytes) -> None:
     with pytest.raises(ProtocolError):
         wire.decode_control(payload)

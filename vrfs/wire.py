@@ -210,6 +210,8 @@ def decode_control(payload: bytes) -> dict[str, Any]:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"control message is not JSON: {exc}") from None
+    except RecursionError:  # absurd nesting
+        raise ProtocolError("control message nests too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("control message is not a JSON object")
     return obj

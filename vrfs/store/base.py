@@ -138,7 +138,9 @@ class Store(ABC):
         """Journals left by a crash or a dropped connection, as (source, journal)."""
         out = []
         for source_dir in sorted((self.state_dir / "journal").iterdir()):
-            for group_dir in sorted(source_dir.iterdir()):
+            if not source_dir.is_dir():
+                continue
+            for group_dir in sorted(p for p in source_dir.iterdir() if p.is_dir()):
                 try:
                     check_name(source_dir.name), check_name(group_dir.name)
                 except ProtocolError:

@@ -67,14 +67,28 @@ class DirStore(Store):
             if target is not None and target.path == entry.path:
                 continue
             p = self.replica(source, entry.path)
-            if not self._is_file(p):
-                continue  # already moved or removed by an earlier try
-            if target is None:
-                os.unlink(p)
-            else:
-                os.replace(p, limbo / disk_id.hex())
-            fsync_dir(p.parent)
+            if self._is_file(p):  # else already moved or removed by an earlier try
+                if target is None:
+                    os.unlink(p)
+                else:
+                    os.replace(p, limbo / disk_id.hex())
+            # Emptied directories go now: a new disk of this cycle may take their name.
+            self._prune(source, p.parent)
         fsync_dir(limbo)
+
+    def _prune(self, source: str, directory: Path) -> None:
+        """Remove empty directories from ``directory`` up to the source's directory; fsync what remains."""
+        base = self.root / source
+        while directory != base and base in directory.parents:
+            try:
+                directory.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break  # not empty: the rest of the chain is not either
+            directory = directory.parent
+        if directory.is_dir():
+            fsync_dir(directory)
 
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
         for disk in header.disks:
@@ -100,27 +114,13 @@ class DirStore(Store):
             write_all(fd, bytes(length), offset)
 
     def sync_namespace(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
-        base = self.root / source
-        dirs = {self.replica(source, d.path).parent for d in header.disks}
-        if old:
-            # Directories emptied by renames and deletions go too, up to the source's directory.
-            current = {d.path for d in header.disks}
-            for d in old.disks:
-                if d.path in current:
-                    continue
-                parent = self.replica(source, d.path).parent
-                while parent != base and base in parent.parents:
-                    try:
-                        parent.rmdir()
-                    except OSError:
-                        dirs.add(parent)
-                        break
-                    parent = parent.parent
-        for d in dirs:
-            if d.is_dir():
+        # New names and new directories become durable before the point is recorded.
+        for d in {self.replica(source, disk.path).parent for disk in header.disks}:
+            while True:
                 fsync_dir(d)
-        if base.is_dir():
-            fsync_dir(base)
+                if d == self.root:
+                    break
+                d = d.parent
 
     def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
         state = self.load_group(source, group)
