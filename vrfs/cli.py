@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of this source at the DR site (default: the host name)")
     m.add_argument("--rpo", metavar="DURATION", default="5m",
                    help="recovery point objective of every disk, e.g. 30s, 5m, 1h (default: 5m)")
-    m.add_argument("--block-size", metavar="SIZE", default="64K",
-                   help="tracking granularity, a power of two from 4K to 1M (default: 64K); "
+    m.add_argument("--block-size", metavar="SIZE",
+                   help="tracking granularity, a power of two from 4K to 1M (default: 64K, or what "
+                        "the datastore already uses); "
                         "fixed for a datastore once its state exists")
     m.add_argument("--compress-level", metavar="N", type=int, default=1,
                    help="zstd level for shipped blocks (default: 1)")
@@ -74,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
     s.add_argument("--store", metavar="URL", help="a DR-site store, e.g. dir:/srv/replicas")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--blocks", action="store_true",
+                   help="also list the dirty block ranges of each disk (with --json)")
 
     r = sub.add_parser(
         "serve", help="receive replication at the DR site",

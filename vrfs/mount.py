@@ -1,0 +1,311 @@
+"""`vrfs mount` and `vrfs umount`: checks the operator's input, wires the
+tracker, the file system, the control socket and the shipper together, and
+owns the order of startup and shutdown.
+
+After a crash the file system is never unmounted by us (pyfuse3.close with
+unmount=False): an empty directory where the datastore used to be would look
+like a datastore without disks to everything that walks it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+
+import pyfuse3
+import trio
+
+from vrfs import control, daemon
+from vrfs.errors import EXIT_USAGE, UserError
+from vrfs.fs import CONTROL_XATTR, PID_XATTR, STATE_DIR, Datastore
+from vrfs.parse import parse_address, parse_block_size, parse_duration
+from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
+
+log = logging.getLogger("vrfs.mount")
+
+DEFAULT_BLOCK_SIZE = 64 << 10
+CONFIG_NAME = "datastore.json"
+
+
+@dataclass
+class MountConfig:
+    source: str
+    mountpoint: str
+    root_fd: int
+    vrfs_fd: int
+    state_fd: int
+    lock_fd: int
+    block_size: int
+    extent_size: int
+    tracking: bool
+    writeback_cache: bool
+    peer: tuple[str, int] | None
+    name: str
+    rpo: float
+    compress_level: int
+    checkpoint_interval: float
+    debug: bool
+
+
+def _open_source(source: str) -> int:
+    try:
+        fd = os.open(source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise UserError(f"source {source} does not exist") from None
+    except NotADirectoryError:
+        raise UserError(f"source {source} is not a directory") from None
+    except OSError as exc:
+        raise UserError(f"cannot open source {source}: {exc.strerror}") from None
+    if not os.access(source, os.R_OK | os.W_OK | os.X_OK):
+        os.close(fd)
+        raise UserError(f"source {source} is not readable and writable by this user")
+    return fd
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if not os.path.exists(mountpoint):
+        raise UserError(f"mount point {mountpoint} does not exist")
+    if not os.path.isdir(mountpoint):
+        raise UserError(f"mount point {mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise UserError(f"mount point {mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise UserError(f"mount point {mountpoint} is not empty")
+
+
+def _is_fuse_mount(path: str) -> bool:
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == path and fields[2].startswith("fuse"):
+                return True
+    return False
+
+
+def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[int, int, int, int, int]:
+    """The .vrfs directory, its lock, its state subdirectory and the
+    datastore's fixed settings."""
+    try:
+        os.mkdir(STATE_DIR, 0o700, dir_fd=root_fd)
+    except FileExistsError:
+        pass
+    vrfs_fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+    lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=vrfs_fd)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip()
+        raise UserError(f"{source} is already served by vrfs (pid {holder or '?'})") from None
+    try:
+        os.mkdir("state", 0o700, dir_fd=vrfs_fd)
+    except FileExistsError:
+        pass
+    state_fd = os.open("state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=vrfs_fd)
+
+    requested = parse_block_size(block_size_arg) if block_size_arg else None
+    try:
+        fd = os.open(CONFIG_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=vrfs_fd)
+        with os.fdopen(fd) as f:
+            config = json.load(f)
+        block_size, extent_size = int(config["block_size"]), int(config["extent_size"])
+    except FileNotFoundError:
+        block_size, extent_size = requested or DEFAULT_BLOCK_SIZE, DEFAULT_EXTENT_SIZE
+        from vrfs.statefile import write_atomically
+        write_atomically(vrfs_fd, CONFIG_NAME, json.dumps(
+            {"block_size": block_size, "extent_size": extent_size}).encode())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{source}/{STATE_DIR}/{CONFIG_NAME} is damaged ({exc}); "
+                        "move it away to start over with a full sync") from None
+    if requested and requested != block_size:
+        raise UserError(f"{source} uses block size {block_size // 1024}K; it cannot change to "
+                        f"{requested // 1024}K once its state exists", EXIT_USAGE)
+    return vrfs_fd, lock_fd, state_fd, block_size, extent_size
+
+
+def mount_main(args) -> int:
+    source = os.path.abspath(args.source)
+    mountpoint = os.path.abspath(args.mountpoint) if args.mountpoint else source
+    peer = parse_address(args.peer, what="peer") if args.peer else None
+    rpo = parse_duration(args.rpo, "RPO")
+    checkpoint_interval = parse_duration(os.environ.get("VRFS_CHECKPOINT_INTERVAL", "30s"),
+                                         "VRFS_CHECKPOINT_INTERVAL")
+    if not 1 <= args.compress_level <= 19:
+        raise UserError(f"bad compression level {args.compress_level}: must be 1-19", EXIT_USAGE)
+    name = args.name or socket.gethostname()
+    from vrfs.wire import ProtocolError, check_name
+    try:
+        check_name(name, "source name")
+    except ProtocolError as exc:
+        raise UserError(f"bad --name {name!r}: {exc}", EXIT_USAGE) from None
+
+    root_fd = _open_source(source)
+    if _is_fuse_mount(source):
+        raise UserError(f"{source} is already a FUSE mount")
+    if mountpoint != source:
+        _check_mountpoint(mountpoint)
+    vrfs_fd, lock_fd, state_fd, block_size, extent_size = _open_state(root_fd, source, args.block_size)
+
+    config = MountConfig(
+        source=source, mountpoint=mountpoint, root_fd=root_fd, vrfs_fd=vrfs_fd, state_fd=state_fd,
+        lock_fd=lock_fd, block_size=block_size, extent_size=extent_size,
+        tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
+        name=name, rpo=rpo, compress_level=args.compress_level,
+        checkpoint_interval=checkpoint_interval, debug=args.debug,
+    )
+    service = lambda ready: _run(config, ready)  # noqa: E731
+    if args.foreground:
+        return daemon.foreground(service, args.debug)
+
+    def open_log():
+        if args.log:
+            return open(args.log, "a", buffering=1)
+        fd = os.open("mount.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600,
+                     dir_fd=vrfs_fd)
+        return os.fdopen(fd, "a", buffering=1)
+
+    return daemon.run_in_background(service, open_log, args.debug, "mount")
+
+
+def _run(config: MountConfig, ready) -> int:
+    os.ftruncate(config.lock_fd, 0)
+    os.pwrite(config.lock_fd, f"{os.getpid()}\n".encode(), 0)
+    limiter = trio.CapacityLimiter(4)
+    tracker = None
+    if config.tracking:
+        tracker = Tracker(config.state_fd, config.root_fd, config.block_size, config.extent_size,
+                          checkpoint_interval=config.checkpoint_interval)
+        tracker.load()
+    control_path = control.socket_path()
+    ops = Datastore(config.root_fd, tracker, writeback_cache=config.writeback_cache,
+                    limiter=limiter, control_path=control_path)
+    options = set(pyfuse3.default_options)
+    options |= {"fsname=vrfs", "subtype=vrfs"}
+    if os.geteuid() == 0:
+        options.add("allow_other")  # the hypervisor runs as its own user
+    if config.debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, config.mountpoint, options)
+    except RuntimeError as exc:
+        raise UserError(f"cannot mount at {config.mountpoint}: {exc}") from None
+    log.info("mounted %s at %s (block size %dK, tracking %s, writeback cache %s)",
+             config.source, config.mountpoint, config.block_size // 1024,
+             "on" if tracker else "off", "on" if config.writeback_cache else "off")
+    try:
+        trio.run(_serve, config, ops, tracker, control_path, ready)
+    except BaseException:
+        log.exception("the file system failed; leaving the mount in place (unmount it with "
+                      "`fusermount3 -u %s`)", config.mountpoint)
+        pyfuse3.close(unmount=False)
+        raise
+    pyfuse3.close(unmount=True)
+    log.info("unmounted %s", config.mountpoint)
+    return 0
+
+
+async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None,
+                 control_path: str, ready) -> None:
+    async def handle(request: dict) -> dict:
+        op = request.get("op")
+        if op == "status":
+            return _status(config, tracker, bool(request.get("ranges")))
+        if op == "checkpoint" and tracker is not None:
+            await tracker.checkpoint()
+            return {"checkpoints": tracker.checkpoints}
+        return {"error": f"unknown request {op!r}"}
+
+    async with trio.open_nursery() as nursery:
+        if tracker is not None:
+            nursery.start_soon(tracker.run_activity_log)
+            await tracker.start()
+            nursery.start_soon(tracker.run_checkpoints)
+        await nursery.start(control.serve_control, control_path, handle)
+        nursery.start_soon(_stop_on_signal)
+        ready()
+        await pyfuse3.main(min_tasks=4)
+        # The kernel is done with us: no more writes can arrive.
+        if tracker is not None:
+            await tracker.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: shutting down", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def _status(config: MountConfig, tracker: Tracker | None, ranges: bool) -> dict:
+    disks = [] if tracker is None else sorted(
+        (tracker.describe(d, ranges) for d in tracker.disks.values()), key=lambda d: d["path"])
+    return {
+        "source": config.source,
+        "mountpoint": config.mountpoint,
+        "name": config.name,
+        "pid": os.getpid(),
+        "block_size": config.block_size,
+        "tracking": tracker is not None,
+        "checkpoints": tracker.checkpoints if tracker else 0,
+        "last_checkpoint": tracker.last_checkpoint if tracker else None,
+        "disks": disks,
+    }
+
+
+# ------------------------------------------------------------------ umount
+
+def mount_pid(mountpoint: str) -> int:
+    try:
+        return int(os.getxattr(mountpoint, PID_XATTR))
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise UserError(f"{mountpoint} is not a vrfs mount") from None
+        if exc.errno == errno.ENOTCONN:
+            raise UserError(f"{mountpoint}: the vrfs daemon is gone (crashed?); "
+                            f"`fusermount3 -u {mountpoint}` removes the dead mount") from None
+        raise UserError(f"{mountpoint}: {exc.strerror}") from None
+
+
+def control_path_of(mountpoint: str) -> str:
+    try:
+        return os.fsdecode(os.getxattr(mountpoint, CONTROL_XATTR))
+    except OSError:
+        mount_pid(mountpoint)  # raises the precise reason
+        raise UserError(f"{mountpoint} is not a vrfs mount") from None
+
+
+def umount_main(args) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    timeout = parse_duration(args.timeout, "timeout")
+    if not os.path.isdir(mountpoint) and not _is_fuse_mount(mountpoint):
+        raise UserError(f"{mountpoint} is not a directory")
+    pid = mount_pid(mountpoint)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
+        if "busy" in reason.lower():
+            raise UserError(f"{mountpoint} is busy: files are still open on it (stop the VMs first)")
+        raise UserError(f"cannot unmount {mountpoint}: {reason}")
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}")
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False

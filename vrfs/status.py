@@ -1,0 +1,66 @@
+"""`vrfs status`: the disks of a mounted datastore, or of a DR-site store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from vrfs import control
+from vrfs.errors import EXIT_USAGE, UserError
+from vrfs.mount import control_path_of
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def mount_status(mountpoint: str, ranges: bool = False) -> dict:
+    path = control_path_of(mountpoint)
+    try:
+        answer = control.ask(path, {"op": "status", "ranges": ranges})
+    except OSError as exc:
+        raise UserError(f"cannot reach the vrfs daemon of {mountpoint}: {exc.strerror or exc}") from None
+    if "error" in answer:
+        raise UserError(answer["error"])
+    return answer
+
+
+def status_main(args) -> int:
+    if args.store:
+        if args.mountpoint:
+            raise UserError("give either MOUNTPOINT or --store, not both", EXIT_USAGE)
+        from vrfs.store import store_status
+        disks = store_status(args.store)
+        if args.json:
+            print(json.dumps(disks, indent=2))
+            return 0
+        print(f"{'SOURCE':<16} {'PATH':<40} {'SIZE':>9} {'POINT':>7}  CUT")
+        for d in disks:
+            point = d.get("point") or {}
+            print(f"{d['source']:<16} {d['path']:<40} {_human(d['size']):>9} "
+                  f"{point.get('id', '-'):>7}  {_fmt_time(point.get('cut_time'))}")
+        return 0
+    if not args.mountpoint:
+        raise UserError("status needs a MOUNTPOINT or --store URL", EXIT_USAGE)
+    status = mount_status(os.path.abspath(args.mountpoint), ranges=args.blocks)
+    if args.json:
+        print(json.dumps(status["disks"] if not args.blocks else status["disks"], indent=2))
+        return 0
+    print(f"{status['source']} at {status['mountpoint']} (pid {status['pid']}, "
+          f"block size {status['block_size'] // 1024}K)")
+    cols = f"{'PATH':<40} {'SIZE':>9} {'DIRTY':>9} {'STATE':<16}"
+    print(cols)
+    for d in status["disks"]:
+        print(f"{d['path']:<40} {_human(d['size']):>9} {_human(d['dirty_bytes']):>9} {d['state']:<16}")
+    return 0
+
+
+def _fmt_time(t) -> str:
+    if not t:
+        return "-"
+    import time
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))

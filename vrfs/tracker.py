@@ -1,0 +1,408 @@
+"""Change tracking: which blocks of which disks differ from the DR site.
+
+See docs/tracker.md for the rules this module keeps; in short:
+
+* every write, punch-hole and size change marks its blocks in the disk's
+  in-memory bitmap *before* the backing file is touched;
+* before a write may touch an extent that is not hot, the extent is recorded
+  in the activity log and that record is durable (group commit, off the trio
+  thread); only writes to cold extents wait;
+* checkpoints replace each disk's state file whole; the activity log rotates
+  first, so hot extents cool down only once a checkpoint covers them;
+* recovery after a crash: checkpoint bitmap ∪ every block of a hot extent.
+
+All methods run on the trio thread; blocking I/O goes to worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+from vrfs import activitylog
+from vrfs.bitmap import Bitmap
+from vrfs.cycle import group_of
+from vrfs.statefile import CorruptStateFile, DiskState, read_state, write_atomically
+
+log = logging.getLogger("vrfs.tracker")
+
+DEFAULT_EXTENT_SIZE = 4 << 20
+STATE_TRACKING = "tracking"
+STATE_NEEDS_FULL_SYNC = "needs-full-sync"
+
+
+def state_name(ino: int) -> str:
+    return f"{ino}.psf"
+
+
+@dataclass(eq=False)
+class Disk:
+    """One regular file of the datastore and what is known about its changes."""
+
+    disk_id: bytes
+    ino: int
+    path: str
+    size: int
+    block_size: int
+    extent_size: int
+    active: Bitmap = field(default_factory=Bitmap)
+    # Blocks of cycles that were cut but not yet acknowledged by the receiver:
+    # they stay dirty (and in every checkpoint) until the ack.
+    unacked: Bitmap = field(default_factory=Bitmap)
+    hot: set[int] = field(default_factory=set)
+    needs_full_sync: bool = False
+    reason: str = ""
+    last_ack_cycle: int = 0
+    changed: bool = True  # since the last checkpoint
+
+    @property
+    def group(self) -> str:
+        return group_of(self.path)
+
+    @property
+    def state(self) -> str:
+        return STATE_NEEDS_FULL_SYNC if self.needs_full_sync else STATE_TRACKING
+
+    def dirty(self) -> Bitmap:
+        return self.active | self.unacked
+
+    def blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """Block range [first, stop) touched by ``length`` bytes at ``offset``."""
+        return offset // self.block_size, (offset + length + self.block_size - 1) // self.block_size
+
+    def mark_full(self, reason: str) -> None:
+        self.needs_full_sync = True
+        self.reason = reason
+        self.changed = True
+
+
+class Group:
+    """A unit of consistency. Counts the writes in progress so that a cut can
+    wait for them to finish and hold new ones back meanwhile."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.writers = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.cut_in_progress: trio.Event | None = None
+
+
+class Tracker:
+    def __init__(self, state_dir_fd: int, root_fd: int, block_size: int,
+                 extent_size: int = DEFAULT_EXTENT_SIZE,
+                 limiter: trio.CapacityLimiter | None = None,
+                 checkpoint_interval: float = 30.0) -> None:
+        self._dir_fd = state_dir_fd
+        self._root_fd = root_fd
+        self.block_size = block_size
+        self.extent_size = extent_size
+        self.checkpoint_interval = checkpoint_interval
+        self._limiter = limiter or trio.CapacityLimiter(2)
+        self.disks: dict[int, Disk] = {}  # by inode number of the backing file
+        self.groups: dict[str, Group] = {}
+        self._al: activitylog.ActivityLogFile | None = None
+        self._al_lock = trio.Lock()
+        self._checkpoint_lock = trio.Lock()
+        self._queue: list[tuple[Disk, int, int]] = []
+        self._pending: dict[tuple[bytes, int, int], trio.Event] = {}
+        self._wakeup = trio.Event()
+        self._forget_state_later: set[int] = set()
+        self.checkpoints = 0
+        self.last_checkpoint = 0.0
+
+    # ---------------------------------------------------------------- loading
+
+    def load(self) -> None:
+        """Build the disk table from the backing tree and the state files.
+
+        Blocking; called once before the file system starts serving.
+        """
+        states: dict[int, DiskState | str] = {}
+        for name in os.listdir(self._dir_fd):
+            if not name.endswith(".psf") or not name[:-4].isdigit():
+                continue
+            try:
+                states[int(name[:-4])] = read_state(self._dir_fd, name)
+            except (CorruptStateFile, OSError) as exc:
+                states[int(name[:-4])] = f"state file is corrupt ({exc})"
+        min_gen = min((s.al_generation for s in states.values() if isinstance(s, DiskState)), default=0)
+        hot = activitylog.read_hot_extents(self._dir_fd, min_gen)
+        gens = activitylog.generations(self._dir_fd)
+        self._next_al_gen = (gens[-1] + 1) if gens else max(
+            (s.al_generation + 1 for s in states.values() if isinstance(s, DiskState)), default=1)
+
+        for path, st in self._walk():
+            self.disks[st.st_ino] = self._recover(path, st, states.pop(st.st_ino, None), hot)
+        for ino in states:  # files deleted while vrfs was not mounted
+            try:
+                os.unlink(state_name(ino), dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+
+    def _walk(self):
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=self._root_fd):
+            if dirpath == ".":
+                dirnames[:] = [d for d in dirnames if d != ".vrfs"]
+            for name in filenames:
+                try:
+                    st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    rel = name if dirpath == "." else f"{dirpath[2:]}/{name}"
+                    yield rel, st
+
+    def _recover(self, path: str, st: os.stat_result, saved: DiskState | str | None,
+                 hot: dict[bytes, set[int]]) -> Disk:
+        if not isinstance(saved, DiskState) or saved.block_size != self.block_size:
+            disk = Disk(os.urandom(16), st.st_ino, path, st.st_size, self.block_size, self.extent_size)
+            if saved is None:
+                reason = "no state file (the file predates tracking)"
+            elif isinstance(saved, str):
+                reason = saved
+            else:
+                reason = f"state file has block size {saved.block_size}, datastore uses {self.block_size}"
+            disk.mark_full(reason)
+            log.warning("%s: needs full sync: %s", path, reason)
+            return disk
+        disk = Disk(saved.disk_id, st.st_ino, path, st.st_size, self.block_size, saved.extent_size,
+                    active=Bitmap(saved.bitmap), needs_full_sync=saved.needs_full_sync,
+                    reason=saved.reason, last_ack_cycle=saved.last_ack_cycle)
+        if saved.clean:
+            if saved.ctime_ns != st.st_ctime_ns or saved.size != st.st_size:
+                disk.mark_full("changed in the backing tree while vrfs was not mounted")
+                log.warning("%s: needs full sync: %s", path, disk.reason)
+        else:
+            extents = hot.get(saved.disk_id, set())
+            per_extent = saved.extent_size // self.block_size
+            for e in extents:
+                disk.active.set_range(e * per_extent, (e + 1) * per_extent)
+            log.warning("%s: recovered after an unclean shutdown: %d dirty blocks "
+                        "(checkpoint %d, %d hot extents)", path, disk.active.count(),
+                        Bitmap(saved.bitmap).count(), len(extents))
+        return disk
+
+    # ------------------------------------------------------------ write path
+
+    def disk(self, ino: int) -> Disk | None:
+        return self.disks.get(ino)
+
+    def group(self, name: str) -> Group:
+        g = self.groups.get(name)
+        if g is None:
+            g = self.groups[name] = Group(name)
+        return g
+
+    async def begin_write(self, disk: Disk, offset: int, length: int) -> Group:
+        """Mark the blocks of a change and make their extents hot. Returns the
+        group, whose writer count stays raised until ``end_write``: the backing
+        write must happen in between."""
+        group = self.group(disk.group)
+        while group.cut_in_progress is not None:
+            await group.cut_in_progress.wait()
+        first, stop = disk.blocks(offset, length)
+        if stop > first:
+            await self._make_hot(disk, first, stop)
+            while group.cut_in_progress is not None:  # a cut began while we waited
+                await group.cut_in_progress.wait()
+                await self._make_hot(disk, first, stop)
+            # No await between the last check above and here: the marks and the
+            # writer count change atomically with respect to cuts and checkpoints.
+            disk.active.set_range(first, stop)
+            disk.changed = True
+        group.writers += 1
+        if group.writers == 1:
+            group.idle = trio.Event()
+        return group
+
+    @staticmethod
+    def end_write(group: Group) -> None:
+        group.writers -= 1
+        if group.writers == 0:
+            group.idle.set()
+
+    def wrote(self, disk: Disk, offset: int, length: int) -> None:
+        """Bookkeeping after a successful write: the file may have grown."""
+        if offset + length > disk.size:
+            disk.size = offset + length
+
+    async def _make_hot(self, disk: Disk, first: int, stop: int) -> None:
+        per_extent = disk.extent_size // disk.block_size
+        while True:
+            gen = self._al.generation
+            cold = [e for e in range(first // per_extent, (stop - 1) // per_extent + 1) if e not in disk.hot]
+            if not cold:
+                return
+            events = []
+            for e in cold:
+                key = (disk.disk_id, e, gen)
+                ev = self._pending.get(key)
+                if ev is None:
+                    ev = self._pending[key] = trio.Event()
+                    self._queue.append((disk, e, gen))
+                events.append(ev)
+            self._wakeup.set()
+            for ev in events:
+                await ev.wait()
+
+    async def run_activity_log(self) -> None:
+        """Group commit: every batch of newly hot extents costs one fdatasync."""
+        while True:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            async with self._al_lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    continue
+                al = self._al
+                records = b"".join(activitylog.encode_record(d.disk_id, e) for d, e, gen in batch
+                                   if gen == al.generation)
+                if records:
+                    await trio.to_thread.run_sync(al.append_durably, records, limiter=self._limiter)
+                for disk, extent, gen in batch:
+                    if gen == self._al.generation:
+                        disk.hot.add(extent)
+                    self._pending.pop((disk.disk_id, extent, gen)).set()
+
+    # ------------------------------------------------------------- namespace
+
+    def created(self, ino: int, path: str, size: int = 0) -> Disk:
+        """A regular file came into being through the mount: it starts in sync
+        with an empty dirty set (its creation travels with its group's cycle)."""
+        disk = self.disks.get(ino)
+        if disk is None:
+            disk = self.disks[ino] = Disk(os.urandom(16), ino, path, size, self.block_size, self.extent_size)
+        return disk
+
+    def removed(self, ino: int) -> None:
+        """The last name of a disk is gone."""
+        disk = self.disks.pop(ino, None)
+        if disk is not None:
+            self._forget_state_later.add(ino)
+
+    def renamed(self, old: str, new: str) -> None:
+        """A file or directory moved; disks below it follow."""
+        prefix = old + "/"
+        for disk in self.disks.values():
+            if disk.path == old:
+                disk.path = new
+                disk.changed = True
+            elif disk.path.startswith(prefix):
+                disk.path = new + disk.path[len(old):]
+                disk.changed = True
+
+    @staticmethod
+    def resize_range(old: int, new: int) -> tuple[int, int]:
+        """The byte range a size change alters: a shrink drops [new, old); a
+        growth adds zeros, which the replica gets from its own size change
+        (a shrink and regrowth within one cycle is covered by the shrink)."""
+        return (new, old - new) if new < old else (new, 0)
+
+    async def resized(self, disk: Disk, old: int, new: int) -> None:
+        group = await self.begin_write(disk, *self.resize_range(old, new))
+        try:
+            disk.size = new
+        finally:
+            self.end_write(group)
+
+    # ------------------------------------------------------------ checkpoint
+
+    async def start(self) -> None:
+        """Open a new activity-log generation and write a checkpoint that marks
+        every disk as not cleanly shut down."""
+        self._al = await trio.to_thread.run_sync(
+            activitylog.ActivityLogFile, self._dir_fd, self._next_al_gen)
+        await self.checkpoint(all_disks=True)
+
+    async def checkpoint(self, *, clean: bool = False, all_disks: bool = False) -> None:
+        async with self._checkpoint_lock:
+            async with self._al_lock:
+                old = self._al
+                self._al = await trio.to_thread.run_sync(
+                    activitylog.ActivityLogFile, self._dir_fd, old.generation + 1)
+                for disk in self.disks.values():
+                    disk.hot.clear()  # from here on, every write logs in the new generation
+            gen = self._al.generation
+            snapshot = []
+            for disk in self.disks.values():
+                if disk.changed or clean or all_disks:
+                    disk.changed = False
+                    snapshot.append(DiskState(
+                        disk_id=disk.disk_id, path=disk.path, block_size=disk.block_size,
+                        extent_size=disk.extent_size, ino=disk.ino, size=disk.size,
+                        generation=self.checkpoints + 1, last_ack_cycle=disk.last_ack_cycle,
+                        al_generation=gen, clean=clean, needs_full_sync=disk.needs_full_sync,
+                        reason=disk.reason, bitmap=disk.dirty().to_bytes()))
+            forget, self._forget_state_later = self._forget_state_later, set()
+            await trio.to_thread.run_sync(self._write_checkpoint, snapshot, forget, old, clean,
+                                          limiter=self._limiter)
+            self.checkpoints += 1
+            self.last_checkpoint = time.time()
+
+    def _write_checkpoint(self, snapshot: list[DiskState], forget: set[int],
+                          old_al: activitylog.ActivityLogFile, clean: bool) -> None:
+        for state in snapshot:
+            if clean:  # to notice changes made while vrfs is not mounted
+                try:
+                    st = os.stat(state.path, dir_fd=self._root_fd, follow_symlinks=False)
+                    state.ctime_ns, state.size = st.st_ctime_ns, st.st_size
+                except FileNotFoundError:
+                    continue
+            write_atomically(self._dir_fd, state_name(state.ino), state.encode(), sync_dir=False)
+        for ino in forget:
+            if ino not in self.disks:
+                try:
+                    os.unlink(state_name(ino), dir_fd=self._dir_fd)
+                except FileNotFoundError:
+                    pass
+        os.fsync(self._dir_fd)
+        old_al.close()
+        activitylog.remove_older_than(self._dir_fd, old_al.generation + 1)
+
+    async def run_checkpoints(self) -> None:
+        while True:
+            await trio.sleep(self.checkpoint_interval)
+            await self.checkpoint()
+
+    async def shutdown(self) -> None:
+        """Clean shutdown, after the file system stopped serving requests."""
+        await self.checkpoint(clean=True)
+        self._al.close()
+
+    # ---------------------------------------------------------------- status
+
+    def describe(self, disk: Disk, with_ranges: bool = False) -> dict:
+        dirty = disk.dirty()
+        count = dirty.count()
+        info = {
+            "path": disk.path,
+            "group": disk.group,
+            "disk_id": disk.disk_id.hex(),
+            "size": disk.size,
+            "block_size": disk.block_size,
+            "dirty_blocks": count,
+            "dirty_bytes": min(count * disk.block_size, max(disk.size, 0)) if count else 0,
+            "state": disk.state,
+        }
+        if disk.needs_full_sync:
+            info["reason"] = disk.reason
+        if with_ranges:
+            info["dirty_ranges"] = ranges(dirty)
+        return info
+
+
+def ranges(bitmap: Bitmap) -> list[list[int]]:
+    """Set bits as [first, stop) pairs."""
+    out: list[list[int]] = []
+    for i in bitmap:
+        if out and out[-1][1] == i:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return out
