@@ -129,10 +129,12 @@ class Datastore(pyfuse3.Operations):
     def _lstat(self, path: str) -> os.stat_result:
         return os.stat(path, dir_fd=self._root, follow_symlinks=False)
 
-    def _child(self, parent: int, name: bytes) -> str:
+    def _child(self, parent: int, name: bytes, new: bool = False) -> str:
+        """The backing path of ``name`` in ``parent``. The state directory does
+        not exist up here, and its name cannot be taken (``new``)."""
         sname = os.fsdecode(name)
         if parent == pyfuse3.ROOT_INODE and sname == STATE_DIR:
-            raise pyfuse3.FUSEError(errno.ENOENT)  # the state directory does not exist up here
+            raise pyfuse3.FUSEError(errno.EPERM if new else errno.ENOENT)
         return self._inodes.child(parent, sname)
 
     def _entry(self, path: str) -> pyfuse3.EntryAttributes:
@@ -227,14 +229,14 @@ class Datastore(pyfuse3.Operations):
 
     @_errno_boundary
     async def mkdir(self, parent_inode, name, mode, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, new=True)
         os.mkdir(path, mode & ~ctx.umask, dir_fd=self._root)
         self._own(path, ctx)
         return self._entry(path)
 
     @_errno_boundary
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, new=True)
         os.mknod(path, mode & ~ctx.umask, rdev, dir_fd=self._root)
         self._own(path, ctx)
         attr = self._entry(path)
@@ -244,14 +246,14 @@ class Datastore(pyfuse3.Operations):
 
     @_errno_boundary
     async def symlink(self, parent_inode, name, target, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, new=True)
         os.symlink(target, os.fsencode(path), dir_fd=self._root)
         self._own(path, ctx)
         return self._entry(path)
 
     @_errno_boundary
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        new_path = self._child(new_parent_inode, new_name)
+        new_path = self._child(new_parent_inode, new_name, new=True)
         os.link(self._inodes.path(inode), new_path, src_dir_fd=self._root, dst_dir_fd=self._root,
                 follow_symlinks=False)
         return self._entry(new_path)
@@ -274,7 +276,7 @@ class Datastore(pyfuse3.Operations):
     @_errno_boundary
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         old = self._child(parent_inode_old, name_old)
-        new = self._child(parent_inode_new, name_new)
+        new = self._child(parent_inode_new, name_new, new=True)
         try:
             replaced = self._lstat(new)
         except FileNotFoundError:
@@ -389,7 +391,7 @@ class Datastore(pyfuse3.Operations):
 
     @_errno_boundary
     async def create(self, parent_inode, name, mode, flags, ctx):
-        path = self._child(parent_inode, name)
+        path = self._child(parent_inode, name, new=True)
         fd = os.open(path, self._backing_flags(flags) | os.O_CREAT, mode & ~ctx.umask, dir_fd=self._root)
         try:
             self._own(path, ctx)
