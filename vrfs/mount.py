@@ -200,7 +200,12 @@ def _run(config: MountConfig, ready) -> int:
              config.source, config.mountpoint, config.block_size // 1024,
              "on" if tracker else "off", "on" if config.writeback_cache else "off")
     try:
-        trio.run(_serve, config, ops, tracker, control_path, ready)
+        shipper = None
+        if tracker is not None and config.peer is not None:
+            from vrfs.shipper import Shipper
+            shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
+                              config.rpo, config.compress_level)
+        trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "
                       "`fusermount3 -u %s`)", config.mountpoint)
@@ -211,12 +216,12 @@ def _run(config: MountConfig, ready) -> int:
     return 0
 
 
-async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None,
+async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, shipper,
                  control_path: str, ready) -> None:
     async def handle(request: dict) -> dict:
         op = request.get("op")
         if op == "status":
-            return _status(config, tracker, bool(request.get("ranges")))
+            return _status(config, tracker, shipper, bool(request.get("ranges")))
         if op == "checkpoint" and tracker is not None:
             await tracker.checkpoint()
             return {"checkpoints": tracker.checkpoints}
@@ -229,9 +234,14 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None,
             nursery.start_soon(tracker.run_checkpoints)
         await nursery.start(control.serve_control, control_path, handle)
         nursery.start_soon(_stop_on_signal)
-        ready()
-        await pyfuse3.main(min_tasks=4)
-        # The kernel is done with us: no more writes can arrive.
+        async with trio.open_nursery() as shipping:
+            if shipper is not None:
+                shipping.start_soon(shipper.run)
+            ready()
+            await pyfuse3.main(min_tasks=4)
+            # The kernel is done with us: no more writes can arrive. A cycle in
+            # flight stays unacknowledged; its blocks stay dirty.
+            shipping.cancel_scope.cancel()
         if tracker is not None:
             await tracker.shutdown()
         nursery.cancel_scope.cancel()
@@ -245,9 +255,14 @@ async def _stop_on_signal() -> None:
             return
 
 
-def _status(config: MountConfig, tracker: Tracker | None, ranges: bool) -> dict:
-    disks = [] if tracker is None else sorted(
-        (tracker.describe(d, ranges) for d in tracker.disks.values()), key=lambda d: d["path"])
+def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool) -> dict:
+    disks = []
+    for disk in (tracker.disks.values() if tracker else ()):
+        info = tracker.describe(disk, ranges)
+        if shipper is not None:
+            info.update(shipper.describe(disk))
+        disks.append(info)
+    disks.sort(key=lambda d: d["path"])
     return {
         "source": config.source,
         "mountpoint": config.mountpoint,
@@ -257,6 +272,8 @@ def _status(config: MountConfig, tracker: Tracker | None, ranges: bool) -> dict:
         "tracking": tracker is not None,
         "checkpoints": tracker.checkpoints if tracker else 0,
         "last_checkpoint": tracker.last_checkpoint if tracker else None,
+        "peer": f"{config.peer[0]}:{config.peer[1]}" if config.peer else None,
+        "connected": shipper.connected if shipper else False,
         "disks": disks,
     }
 

@@ -59,6 +59,9 @@ class Disk:
     reason: str = ""
     last_ack_cycle: int = 0
     changed: bool = True  # since the last checkpoint
+    cut: "Cut | None" = None  # the cycle in flight, whose unread blocks need copy-on-write
+    full_sync_scanned: bool = False  # hashes compared; the next acknowledged cycle completes it
+    sync_progress: float | None = None
 
     @property
     def group(self) -> str:
@@ -91,6 +94,7 @@ class Group:
         self.idle = trio.Event()
         self.idle.set()
         self.cut_in_progress: trio.Event | None = None
+        self.oldest_change: float | None = None  # monotonic time of the oldest unshipped change
 
 
 class Tracker:
@@ -214,8 +218,12 @@ class Tracker:
                 await self._make_hot(disk, first, stop)
             # No await between the last check above and here: the marks and the
             # writer count change atomically with respect to cuts and checkpoints.
+            if disk.cut is not None:
+                disk.cut.preserve(disk, first, stop)
             disk.active.set_range(first, stop)
             disk.changed = True
+        if group.oldest_change is None:
+            group.oldest_change = time.monotonic()
         group.writers += 1
         if group.writers == 1:
             group.idle = trio.Event()
@@ -278,24 +286,30 @@ class Tracker:
         disk = self.disks.get(ino)
         if disk is None:
             disk = self.disks[ino] = Disk(os.urandom(16), ino, path, size, self.block_size, self.extent_size)
+            self.namespace_changed(disk.group)
         return disk
+
+    def namespace_changed(self, group_name: str) -> None:
+        g = self.group(group_name)
+        if g.oldest_change is None:
+            g.oldest_change = time.monotonic()
 
     def removed(self, ino: int) -> None:
         """The last name of a disk is gone."""
         disk = self.disks.pop(ino, None)
         if disk is not None:
             self._forget_state_later.add(ino)
+            self.namespace_changed(disk.group)
 
     def renamed(self, old: str, new: str) -> None:
         """A file or directory moved; disks below it follow."""
         prefix = old + "/"
         for disk in self.disks.values():
-            if disk.path == old:
-                disk.path = new
-                disk.changed = True
-            elif disk.path.startswith(prefix):
+            if disk.path == old or disk.path.startswith(prefix):
+                self.namespace_changed(disk.group)
                 disk.path = new + disk.path[len(old):]
                 disk.changed = True
+                self.namespace_changed(disk.group)
 
     @staticmethod
     def resize_range(old: int, new: int) -> tuple[int, int]:
@@ -310,6 +324,65 @@ class Tracker:
             disk.size = new
         finally:
             self.end_write(group)
+
+    # ------------------------------------------------------------------ cuts
+
+    def group_disks(self, name: str) -> list[Disk]:
+        return [d for d in self.disks.values() if d.group == name]
+
+    async def cut(self, name: str, open_disk) -> "Cut":
+        """Atomically end a cycle of group ``name``: wait for its writes in
+        progress, hold new ones back, and move every disk's active bitmap
+        into the cycle. ``open_disk(disk)`` opens a read descriptor (called
+        with writes held back, so the descriptor sees the cut's content)."""
+        group = self.group(name)
+        while group.cut_in_progress is not None:
+            await group.cut_in_progress.wait()
+        gate = group.cut_in_progress = trio.Event()
+        try:
+            await group.idle.wait()
+            disks = sorted(self.group_disks(name), key=lambda d: d.path)
+            cut = Cut(name, time.time(), group.oldest_change)
+            for disk in disks:
+                fd = open_disk(disk)
+                bits = disk.active | disk.unacked
+                disk.unacked = bits.copy()
+                disk.active = Bitmap()
+                disk.cut = cut
+                cut.add(disk, fd, bits)
+            group.oldest_change = None
+        finally:
+            group.cut_in_progress = None
+            gate.set()
+        return cut
+
+    def acknowledged(self, cut: "Cut", cycle_id: int) -> None:
+        """The receiver committed the cycle: its blocks are clean now."""
+        for disk, part in cut.parts.items():
+            # Bits set again after the cut are in disk.active, not here.
+            disk.unacked = Bitmap()
+            disk.last_ack_cycle = cycle_id
+            disk.changed = True
+            if part.full_sync:
+                disk.needs_full_sync = False
+                disk.reason = ""
+        self.release(cut)
+
+    def failed(self, cut: "Cut") -> None:
+        """The cycle did not arrive: its blocks stay in ``unacked`` and go with
+        the next cut; the group's oldest change is the cut's."""
+        group = self.group(cut.group)
+        if cut.oldest_change is not None:
+            group.oldest_change = min(cut.oldest_change, group.oldest_change or cut.oldest_change)
+        self.release(cut)
+
+    @staticmethod
+    def release(cut: "Cut") -> None:
+        for disk, part in cut.parts.items():
+            if disk.cut is cut:
+                disk.cut = None
+            os.close(part.fd)
+        cut.parts.clear()
 
     # ------------------------------------------------------------ checkpoint
 
@@ -406,3 +479,57 @@ def ranges(bitmap: Bitmap) -> list[list[int]]:
         else:
             out.append([i, i + 1])
     return out
+
+
+@dataclass(eq=False)
+class CutPart:
+    fd: int
+    size: int
+    bits: Bitmap
+    unread: set[int]
+    preserved: dict[int, bytes] = field(default_factory=dict)
+    full_sync: bool = False
+
+
+class Cut:
+    """A group's cycle between its cut and its acknowledgment.
+
+    Copy-on-write: until the shipper has read a block of the cycle, the first
+    write to it preserves the block's content as of the cut (``preserve``,
+    called by ``begin_write`` before the backing file changes). The shipper
+    reads a block, then asks ``take``: a preserved copy wins over what it read,
+    since the read may have raced with a later write.
+    """
+
+    def __init__(self, group: str, cut_time: float, oldest_change: float | None) -> None:
+        self.group = group
+        self.cut_time = cut_time
+        self.oldest_change = oldest_change
+        self.parts: dict[Disk, CutPart] = {}
+        self.preserved_bytes = 0
+
+    def add(self, disk: Disk, fd: int, bits: Bitmap) -> None:
+        size = os.fstat(fd).st_size
+        part = CutPart(fd, size, bits, set(bits))
+        part.full_sync = disk.needs_full_sync and disk.full_sync_scanned
+        self.parts[disk] = part
+
+    def preserve(self, disk: Disk, first: int, stop: int) -> None:
+        part = self.parts.get(disk)
+        if part is None or not part.unread:
+            return
+        for i in range(first, stop):
+            if i in part.unread:
+                part.unread.discard(i)
+                data = os.pread(part.fd, disk.block_size, i * disk.block_size)
+                part.preserved[i] = data
+                self.preserved_bytes += len(data)
+
+    def take(self, disk: Disk, index: int, read: bytes) -> bytes:
+        part = self.parts[disk]
+        part.unread.discard(index)
+        kept = part.preserved.pop(index, None)
+        if kept is not None:
+            self.preserved_bytes -= len(kept)
+            return kept
+        return read

@@ -1,0 +1,260 @@
+"""The shipper: decides when each group cuts, runs full syncs, reads the
+cycle's blocks and hands them to the link; reconnects with backoff.
+
+The datastore never waits for the shipper: while the peer is unreachable,
+writes are tracked as usual and go with the next cycle that arrives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+
+import trio
+
+from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.link import Link, LinkError
+from vrfs.statefile import write_atomically
+from vrfs.store.base import Copy, hash_blocks
+from vrfs.tracker import Cut, Disk, Tracker
+
+log = logging.getLogger("vrfs.shipper")
+
+DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
+READ_CHUNK = 4 << 20  # bytes read per worker-thread call
+PEER_FILE = "peer.json"
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+
+
+class Shipper:
+    def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
+                 name: str, rpo: float, zstd_level: int = 1,
+                 limiter: trio.CapacityLimiter | None = None) -> None:
+        self.tracker = tracker
+        self.root_fd = root_fd
+        self.vrfs_fd = vrfs_fd
+        self.peer = peer
+        self.name = name
+        self.rpo = rpo
+        self.zstd_level = zstd_level
+        self.limiter = limiter or trio.CapacityLimiter(2)
+        self.connected = False
+        self.last_error = ""
+        self.points: dict[str, dict] = {}  # group -> {"id", "cut_time"} of its newest acknowledged point
+        self.bytes_sent: dict[bytes, int] = {}  # disk_id -> wire bytes
+        self.bytes_shipped: dict[bytes, int] = {}  # disk_id -> block bytes before compression
+        self.store_id = self._load_peer()
+
+    # ------------------------------------------------------------ the loop
+
+    async def run(self) -> None:
+        backoff = BACKOFF_MIN
+        host, port = self.peer
+        while True:
+            try:
+                link = await Link.connect(host, port, self.name, zstd_level=self.zstd_level)
+            except LinkError as exc:
+                self._down(f"cannot reach {host}:{port}: {exc}")
+            else:
+                self.connected, self.last_error, backoff = True, "", BACKOFF_MIN
+                log.info("connected to %s:%d (store %s)", host, port, link.store_id)
+                try:
+                    await self._session(link)
+                except LinkError as exc:
+                    self._down(f"link to {host}:{port} failed: {exc}")
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await link.aclose()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    def _down(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("%s; retrying with backoff, changes stay tracked", reason)
+        self.connected, self.last_error = False, reason
+
+    async def _session(self, link: Link) -> None:
+        if link.store_id != self.store_id:
+            if self.store_id:
+                log.warning("the receiver's store changed (%s -> %s): full sync of every disk",
+                            self.store_id, link.store_id)
+            for disk in self.tracker.disks.values():
+                disk.last_ack_cycle = 0
+                disk.changed = True
+            self.store_id = link.store_id
+            await trio.to_thread.run_sync(self._save_peer)
+        for disk in self.tracker.disks.values():
+            if disk.last_ack_cycle > link.points.get(disk.group, 0):
+                log.warning("%s: the receiver lost points (has %d, had acknowledged %d): full sync",
+                            disk.path, link.points.get(disk.group, 0), disk.last_ack_cycle)
+                disk.last_ack_cycle = 0
+                disk.full_sync_scanned = False
+        while True:
+            for name in self._due_groups():
+                await self._ship_group(link, name)
+            await trio.sleep(0.1)
+
+    def _needs_scan(self, disk: Disk) -> bool:
+        return (disk.needs_full_sync or disk.last_ack_cycle == 0) and not disk.full_sync_scanned
+
+    def _due_groups(self) -> list[str]:
+        now = time.monotonic()
+        due = []
+        names = {d.group for d in self.tracker.disks.values()} | set(self.tracker.groups)
+        for name in sorted(names):
+            group = self.tracker.group(name)
+            disks = self.tracker.group_disks(name)
+            if any(self._needs_scan(d) or d.needs_full_sync for d in disks):
+                due.append(name)
+            elif group.oldest_change is not None and (
+                    now - group.oldest_change >= self.rpo / 2
+                    or sum(d.dirty().count() * d.block_size for d in disks) >= DIRTY_BOUND):
+                due.append(name)
+            elif any(d.unacked for d in disks):
+                due.append(name)  # a cycle that failed: send it again now
+        return due
+
+    # -------------------------------------------------------- one group
+
+    async def _ship_group(self, link: Link, name: str) -> None:
+        for disk in self.tracker.group_disks(name):
+            if self._needs_scan(disk):
+                await self._full_sync_scan(link, disk)
+        cut = await self.tracker.cut(name, self._open_for_cut)
+        cycle_id = link.points.get(name, 0) + 1
+        entries = tuple(DiskEntry(d.disk_id, d.path, p.size, d.block_size) for d, p in cut.parts.items())
+        header = CycleHeader(name, cycle_id, cut.cut_time, entries)
+        sent_before = link.bytes_sent
+        shipped = {d: 0 for d in cut.parts}
+        try:
+            await link.send_cycle(header, self._blocks(cut, shipped))
+        except BaseException:
+            if link.points.get(name, 0) >= cycle_id:  # committed; only the answer was lost
+                self._acknowledge(cut, cycle_id, shipped, 0)
+            else:
+                self.tracker.failed(cut)
+            raise
+        self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
+
+    def _acknowledge(self, cut: Cut, cycle_id: int, shipped: dict[Disk, int], wire: int) -> None:
+        total = sum(shipped.values()) or 1
+        for disk, nbytes in shipped.items():
+            self.bytes_shipped[disk.disk_id] = self.bytes_shipped.get(disk.disk_id, 0) + nbytes
+            share = wire * nbytes // total if total else 0
+            self.bytes_sent[disk.disk_id] = self.bytes_sent.get(disk.disk_id, 0) + share
+            disk.full_sync_scanned = False
+            disk.sync_progress = None
+        self.points[cut.group] = {"id": cycle_id, "cut_time": cut.cut_time}
+        self.tracker.acknowledged(cut, cycle_id)
+        log.info("%s: point %d committed (%d block bytes, %d bytes on the wire)", cut.group, cycle_id,
+                 sum(shipped.values()), wire)
+
+    def _open_for_cut(self, disk: Disk) -> int:
+        return os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
+
+    async def _blocks(self, cut: Cut, shipped: dict[Disk, int]) -> AsyncIterator[tuple[int, int, bytes | None]]:
+        """The cycle's blocks in disk order, read in chunks off the trio thread."""
+        for index, (disk, part) in enumerate(list(cut.parts.items())):
+            bs = disk.block_size
+            limit = (part.size + bs - 1) // bs
+            wanted = [i for i in part.bits if i < limit]
+            pos = 0
+            while pos < len(wanted):
+                # A run of consecutive blocks is one pread.
+                run_end = pos + 1
+                while (run_end < len(wanted) and wanted[run_end] == wanted[run_end - 1] + 1
+                       and (run_end - pos) * bs < READ_CHUNK):
+                    run_end += 1
+                first = wanted[pos]
+                count = run_end - pos
+                data = await trio.to_thread.run_sync(os.pread, part.fd, count * bs, first * bs,
+                                                     limiter=self.limiter)
+                for k in range(count):
+                    i = first + k
+                    block = cut.take(disk, i, data[k * bs:(k + 1) * bs])
+                    block = block[:max(0, min(bs, part.size - i * bs))]
+                    shipped[disk] += len(block)
+                    yield index, i, block
+                pos = run_end
+
+    # --------------------------------------------------------- full sync
+
+    async def _full_sync_scan(self, link: Link, disk: Disk) -> None:
+        """Compare every block with the receiver's copy; mark the ones that
+        differ. Writes meanwhile are tracked as usual; the next cycle carries
+        both and completes the full sync."""
+        st = os.stat(disk.path, dir_fd=self.root_fd, follow_symlinks=False)
+        entry = DiskEntry(disk.disk_id, disk.path, st.st_size, disk.block_size)
+        log.info("%s: full sync: comparing %d blocks", disk.path, entry.block_count)
+        disk.sync_progress = 0.0
+        theirs = await link.fetch_hashes(disk.group, entry)
+        fd = self._open_for_cut(disk)
+        copy = Copy(fd=fd, size=st.st_size, sparse=True)
+        try:
+            differing = 0
+            first = 0
+            total = entry.block_count
+            per_call = max(1, READ_CHUNK // disk.block_size)
+            while first < total:
+                count = min(per_call, total - first)
+                ours = await trio.to_thread.run_sync(hash_blocks, copy, disk.block_size, first, count,
+                                                     limiter=self.limiter)
+                for k, h in enumerate(ours):
+                    i = first + k
+                    other = theirs[i] if theirs is not None and i < len(theirs) else None
+                    if h != other:
+                        disk.active.set(i)
+                        differing += 1
+                first += count
+                disk.sync_progress = first / total if total else 1.0
+        finally:
+            os.close(fd)
+        disk.changed = True
+        disk.full_sync_scanned = True
+        group = self.tracker.group(disk.group)
+        if group.oldest_change is None:
+            group.oldest_change = time.monotonic()
+        log.info("%s: full sync: %d of %d blocks differ", disk.path, differing, total)
+
+    # ----------------------------------------------------------- status
+
+    def describe(self, disk: Disk) -> dict:
+        point = self.points.get(disk.group)
+        group = self.tracker.group(disk.group)
+        if disk.needs_full_sync or disk.last_ack_cycle == 0 or disk.sync_progress is not None:
+            state = "full-sync"
+        elif not self.connected:
+            state = "disconnected"
+        elif disk.dirty() or disk.cut is not None:
+            state = "syncing"
+        else:
+            state = "in-sync"
+        info = {
+            "state": state,
+            "last_point": point,
+            "lag_seconds": round(time.monotonic() - group.oldest_change, 3) if group.oldest_change else 0.0,
+            "bytes_sent": self.bytes_sent.get(disk.disk_id, 0),
+            "bytes_dirty_shipped": self.bytes_shipped.get(disk.disk_id, 0),
+            "rpo_seconds": self.rpo,
+        }
+        if disk.sync_progress is not None:
+            info["progress"] = round(disk.sync_progress, 4)
+        if self.last_error and not self.connected:
+            info["error"] = self.last_error
+        return info
+
+    # ----------------------------------------------------- peer identity
+
+    def _load_peer(self) -> str:
+        try:
+            fd = os.open(PEER_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.vrfs_fd)
+            with os.fdopen(fd) as f:
+                return str(json.load(f).get("store_id", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def _save_peer(self) -> None:
+        write_atomically(self.vrfs_fd, PEER_FILE, json.dumps({"store_id": self.store_id}).encode())
