@@ -48,14 +48,26 @@ def status_main(args) -> int:
         raise UserError("status needs a MOUNTPOINT or --store URL", EXIT_USAGE)
     status = mount_status(os.path.abspath(args.mountpoint), ranges=args.blocks)
     if args.json:
-        print(json.dumps(status["disks"] if not args.blocks else status["disks"], indent=2))
+        print(json.dumps(status["disks"], indent=2))
         return 0
     print(f"{status['source']} at {status['mountpoint']} (pid {status['pid']}, "
           f"block size {status['block_size'] // 1024}K)")
-    cols = f"{'PATH':<40} {'SIZE':>9} {'DIRTY':>9} {'STATE':<16}"
-    print(cols)
+    if status.get("peer"):
+        print(f"replicating as {status['name']} to {status['peer']} "
+              f"({'connected' if status['connected'] else 'not connected'})")
+    print(f"{'PATH':<36} {'SIZE':>8} {'DIRTY':>8} {'STATE':<16} {'LAG':>7} {'POINT':>6}  CUT")
     for d in status["disks"]:
-        print(f"{d['path']:<40} {_human(d['size']):>9} {_human(d['dirty_bytes']):>9} {d['state']:<16}")
+        state = d["state"]
+        if "progress" in d:
+            state = f"{state} {d['progress'] * 100:.0f}%"
+        elif d.get("rpo_seconds") and d.get("lag_seconds", 0) > d["rpo_seconds"]:
+            state = f"{state} (RPO!)"
+        point = d.get("last_point") or {}
+        lag = f"{d['lag_seconds']:.0f}s" if "lag_seconds" in d else "-"
+        print(f"{d['path']:<36} {_human(d['size']):>8} {_human(d['dirty_bytes']):>8} {state:<16} "
+              f"{lag:>7} {point.get('id', '-'):>6}  {_fmt_time(point.get('cut_time'))}")
+        if d.get("reason"):
+            print(f"    {d['reason']}")
     return 0
 
 
