@@ -86,6 +86,9 @@ class Shipper:
                 disk.changed = True
             self.store_id = link.store_id
             await trio.to_thread.run_sync(self._save_peer)
+        for group, point in link.points.items():
+            if group not in self.points or self.points[group]["id"] != point:
+                self.points[group] = {"id": point, "cut_time": None}
         for disk in self.tracker.disks.values():
             if disk.last_ack_cycle > link.points.get(disk.group, 0):
                 log.warning("%s: the receiver lost points (has %d, had acknowledged %d): full sync",
@@ -120,10 +123,14 @@ class Shipper:
     # -------------------------------------------------------- one group
 
     async def _ship_group(self, link: Link, name: str) -> None:
-        for disk in self.tracker.group_disks(name):
-            if self._needs_scan(disk):
-                await self._full_sync_scan(link, disk)
-        cut = await self.tracker.cut(name, self._open_for_cut)
+        while True:
+            for disk in self.tracker.group_disks(name):
+                if self._needs_scan(disk):
+                    await self._full_sync_scan(link, disk)
+            cut = await self.tracker.cut(name, self._open_for_cut)
+            if not any(self._needs_scan(d) for d in cut.parts):
+                break
+            self.tracker.failed(cut)  # a disk came or moved in during the scans: compare it first
         cycle_id = link.points.get(name, 0) + 1
         entries = tuple(DiskEntry(d.disk_id, d.path, p.size, d.block_size) for d, p in cut.parts.items())
         header = CycleHeader(name, cycle_id, cut.cut_time, entries)

@@ -32,6 +32,9 @@ from vrfs.statefile import CorruptStateFile, DiskState, read_state, write_atomic
 log = logging.getLogger("vrfs.tracker")
 
 DEFAULT_EXTENT_SIZE = 4 << 20
+# Copies of blocks preserved for a cycle in flight stay in memory up to this
+# much per cut; the rest goes to an unnamed file in the state directory.
+COW_MEMORY_BOUND = 64 << 20
 STATE_TRACKING = "tracking"
 STATE_NEEDS_FULL_SYNC = "needs-full-sync"
 
@@ -117,6 +120,10 @@ class Tracker:
         self._pending: dict[tuple[bytes, int, int], trio.Event] = {}
         self._wakeup = trio.Event()
         self._forget_state_later: set[int] = set()
+        # Set when a checkpoint should not wait for the interval: the first
+        # acknowledgment of a disk or the end of its full sync, which a crash
+        # would otherwise make the shipper repeat.
+        self._checkpoint_soon = trio.Event()
         self.checkpoints = 0
         self.last_checkpoint = 0.0
 
@@ -286,10 +293,10 @@ class Tracker:
         disk = self.disks.get(ino)
         if disk is None:
             disk = self.disks[ino] = Disk(os.urandom(16), ino, path, size, self.block_size, self.extent_size)
-            self.namespace_changed(disk.group)
+            self.note_change(disk.group)
         return disk
 
-    def namespace_changed(self, group_name: str) -> None:
+    def note_change(self, group_name: str) -> None:
         g = self.group(group_name)
         if g.oldest_change is None:
             g.oldest_change = time.monotonic()
@@ -299,17 +306,23 @@ class Tracker:
         disk = self.disks.pop(ino, None)
         if disk is not None:
             self._forget_state_later.add(ino)
-            self.namespace_changed(disk.group)
+            self.note_change(disk.group)
 
     def renamed(self, old: str, new: str) -> None:
         """A file or directory moved; disks below it follow."""
         prefix = old + "/"
         for disk in self.disks.values():
             if disk.path == old or disk.path.startswith(prefix):
-                self.namespace_changed(disk.group)
+                old_group = disk.group
+                self.note_change(old_group)
                 disk.path = new + disk.path[len(old):]
                 disk.changed = True
-                self.namespace_changed(disk.group)
+                self.note_change(disk.group)
+                if disk.group != old_group:
+                    # The DR site knows the disk only in its old group: to the
+                    # new group it is a new disk, whose content must be compared.
+                    disk.last_ack_cycle = 0
+                    disk.full_sync_scanned = False
 
     @staticmethod
     def resize_range(old: int, new: int) -> tuple[int, int]:
@@ -342,7 +355,7 @@ class Tracker:
         try:
             await group.idle.wait()
             disks = sorted(self.group_disks(name), key=lambda d: d.path)
-            cut = Cut(name, time.time(), group.oldest_change)
+            cut = Cut(name, time.time(), group.oldest_change, self._dir_fd)
             for disk in disks:
                 fd = open_disk(disk)
                 bits = disk.active | disk.unacked
@@ -359,6 +372,8 @@ class Tracker:
     def acknowledged(self, cut: "Cut", cycle_id: int) -> None:
         """The receiver committed the cycle: its blocks are clean now."""
         for disk, part in cut.parts.items():
+            if disk.last_ack_cycle == 0 or part.full_sync:
+                self._checkpoint_soon.set()
             # Bits set again after the cut are in disk.active, not here.
             disk.unacked = Bitmap()
             disk.last_ack_cycle = cycle_id
@@ -378,11 +393,10 @@ class Tracker:
 
     @staticmethod
     def release(cut: "Cut") -> None:
-        for disk, part in cut.parts.items():
+        for disk in cut.parts:
             if disk.cut is cut:
                 disk.cut = None
-            os.close(part.fd)
-        cut.parts.clear()
+        cut.close()
 
     # ------------------------------------------------------------ checkpoint
 
@@ -392,6 +406,9 @@ class Tracker:
         self._al = await trio.to_thread.run_sync(
             activitylog.ActivityLogFile, self._dir_fd, self._next_al_gen)
         await self.checkpoint(all_disks=True)
+        for disk in self.disks.values():  # what was dirty before this mount is due now
+            if disk.dirty() or disk.needs_full_sync:
+                self.note_change(disk.group)
 
     async def checkpoint(self, *, clean: bool = False, all_disks: bool = False) -> None:
         async with self._checkpoint_lock:
@@ -440,7 +457,9 @@ class Tracker:
 
     async def run_checkpoints(self) -> None:
         while True:
-            await trio.sleep(self.checkpoint_interval)
+            with trio.move_on_after(self.checkpoint_interval):
+                await self._checkpoint_soon.wait()
+            self._checkpoint_soon = trio.Event()
             await self.checkpoint()
 
     async def shutdown(self) -> None:
@@ -487,7 +506,7 @@ class CutPart:
     size: int
     bits: Bitmap
     unread: set[int]
-    preserved: dict[int, bytes] = field(default_factory=dict)
+    preserved: dict[int, bytes | tuple[int, int]] = field(default_factory=dict)  # in memory, or (offset, length) spilled
     full_sync: bool = False
 
 
@@ -501,12 +520,16 @@ class Cut:
     since the read may have raced with a later write.
     """
 
-    def __init__(self, group: str, cut_time: float, oldest_change: float | None) -> None:
+    def __init__(self, group: str, cut_time: float, oldest_change: float | None,
+                 spill_dir_fd: int) -> None:
         self.group = group
         self.cut_time = cut_time
         self.oldest_change = oldest_change
         self.parts: dict[Disk, CutPart] = {}
-        self.preserved_bytes = 0
+        self.preserved_bytes = 0  # held in memory
+        self._spill_dir_fd = spill_dir_fd
+        self._spill_fd: int | None = None  # an unnamed file in the state directory
+        self._spill_end = 0
 
     def add(self, disk: Disk, fd: int, bits: Bitmap) -> None:
         size = os.fstat(fd).st_size
@@ -522,14 +545,36 @@ class Cut:
             if i in part.unread:
                 part.unread.discard(i)
                 data = os.pread(part.fd, disk.block_size, i * disk.block_size)
-                part.preserved[i] = data
-                self.preserved_bytes += len(data)
+                if self.preserved_bytes + len(data) <= COW_MEMORY_BOUND:
+                    part.preserved[i] = data
+                    self.preserved_bytes += len(data)
+                else:
+                    part.preserved[i] = self._spill(data)
+
+    def _spill(self, data: bytes) -> tuple[int, int]:
+        if self._spill_fd is None:
+            self._spill_fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600,
+                                     dir_fd=self._spill_dir_fd)
+        offset = self._spill_end
+        os.pwrite(self._spill_fd, data, offset)
+        self._spill_end += len(data)
+        return offset, len(data)
 
     def take(self, disk: Disk, index: int, read: bytes) -> bytes:
         part = self.parts[disk]
         part.unread.discard(index)
         kept = part.preserved.pop(index, None)
-        if kept is not None:
-            self.preserved_bytes -= len(kept)
-            return kept
-        return read
+        if kept is None:
+            return read
+        if isinstance(kept, tuple):
+            return os.pread(self._spill_fd, kept[1], kept[0])
+        self.preserved_bytes -= len(kept)
+        return kept
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            os.close(part.fd)
+        self.parts.clear()
+        if self._spill_fd is not None:
+            os.close(self._spill_fd)
+            self._spill_fd = None
