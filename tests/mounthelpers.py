@@ -5,7 +5,6 @@ it must be."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time

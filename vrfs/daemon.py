@@ -60,10 +60,12 @@ def run_in_background(service: Callable[[Callable[[], None]], int], log_stream_o
         os.chdir("/")
         code = service(lambda: report("OK"))
     except UserError as exc:
-        log.error("%s", exc)
+        if logging.getLogger().handlers:  # before that, the parent prints it
+            log.error("%s", exc)
         report(str(exc))
     except BaseException as exc:  # the daemon must say something rather than vanish
-        log.exception("%s daemon failed", what)
+        if logging.getLogger().handlers:
+            log.exception("%s daemon failed", what)
         report(f"{what} daemon failed: {type(exc).__name__}: {exc}")
     finally:
         logging.shutdown()

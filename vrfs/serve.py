@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from vrfs import daemon
 from vrfs.errors import UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
@@ -27,7 +27,6 @@ from vrfs.store import Store, StoreError, store_from_url
 
 log = logging.getLogger("vrfs.serve")
 
-LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
 def serve_main(args: Any) -> int:
@@ -39,9 +38,25 @@ def serve_main(args: Any) -> int:
     log_file = Path(args.log).absolute() if args.log else None
     if args.foreground:
         _open_store(store)
-        _setup_logging(None, args.debug)
-        return _run(store, host, port, ready=lambda: None)
-    return _daemonize(store, host, port, log_file, args.debug)
+        return daemon.foreground(lambda ready: _run(store, host, port, ready), args.debug)
+
+    def open_store_and_log():
+        _open_store(store)
+        return open(log_file or store.state_dir / "serve.log", "a", buffering=1)
+
+    def service(ready: Callable[[], None]) -> int:
+        pid_file = store.state_dir / "serve.pid"
+
+        def written_ready() -> None:
+            pid_file.write_text(f"{os.getpid()}\n")  # how an operator (or a test) finds the daemon
+            ready()
+
+        try:
+            return _run(store, host, port, written_ready)
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    return daemon.run_in_background(service, open_store_and_log, args.debug, "receiver")
 
 
 def _open_store(store: Store) -> None:
@@ -49,69 +64,6 @@ def _open_store(store: Store) -> None:
         store.open()
     except StoreError as exc:
         raise UserError(str(exc)) from None
-
-
-def _setup_logging(log_file: Path | None, debug: bool) -> None:
-    handler: logging.Handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-
-
-def _daemonize(store: Store, host: str, port: int, log_file: Path | None, debug: bool) -> int:
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode(errors="replace").strip()
-        if message == "OK":
-            return 0
-        os.waitpid(pid, 0)
-        raise UserError(message or "the receiver daemon exited during startup")
-
-    # The child: never returns into the command line.
-    os.close(read_end)
-    code = 1
-
-    def report(text: str) -> None:
-        try:
-            os.write(write_end, text.encode() + b"\n")
-            os.close(write_end)
-        except OSError:
-            pass
-
-    try:
-        os.setsid()
-        _open_store(store)
-        _setup_logging(log_file or store.state_dir / "serve.log", debug)
-        devnull = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(devnull, fd)
-        os.close(devnull)
-        os.chdir("/")
-        pid_file = store.state_dir / "serve.pid"
-
-        def ready() -> None:
-            pid_file.write_text(f"{os.getpid()}\n")  # how an operator (or a test) finds the daemon
-            report("OK")
-
-        try:
-            code = _run(store, host, port, ready=ready)
-        finally:
-            pid_file.unlink(missing_ok=True)
-    except UserError as exc:
-        if logging.getLogger().handlers:  # before that, the parent prints it
-            log.error("%s", exc)
-        report(str(exc))
-    except BaseException as exc:  # the daemon must say something rather than vanish
-        if logging.getLogger().handlers:
-            log.exception("receiver daemon failed")
-        report(f"receiver daemon failed: {type(exc).__name__}: {exc}")
-    finally:
-        logging.shutdown()
-        os._exit(code)
 
 
 def _run(store: Store, host: str, port: int, ready: Callable[[], None]) -> int:
