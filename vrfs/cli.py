@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the datastore already uses); "
                         "fixed for a datastore once its state exists")
     m.add_argument("--compress-level", metavar="N", type=int, default=1,
-                   help="zstd level for shipped blocks (default: 1)")
+                   help="zstd level for shipped blocks, 1-19 (default: 1)")
+    m.add_argument("--congestion", choices=("cubic", "bbr", "reno"), default="cubic",
+                   help="TCP congestion control of the link (default: cubic; bbr suits long fat links)")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     m.add_argument("--no-tracking", action="store_true",

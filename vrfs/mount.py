@@ -51,6 +51,7 @@ class MountConfig:
     name: str
     rpo: float
     compress_level: int
+    congestion: str
     checkpoint_interval: float
     debug: bool
 
@@ -157,7 +158,7 @@ def mount_main(args) -> int:
         source=source, mountpoint=mountpoint, root_fd=root_fd, vrfs_fd=vrfs_fd, state_fd=state_fd,
         lock_fd=lock_fd, block_size=block_size, extent_size=extent_size,
         tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
-        name=name, rpo=rpo, compress_level=args.compress_level,
+        name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
@@ -204,7 +205,7 @@ def _run(config: MountConfig, ready) -> int:
         if tracker is not None and config.peer is not None:
             from vrfs.shipper import Shipper
             shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
-                              config.rpo, config.compress_level)
+                              config.rpo, config.compress_level, config.congestion)
         trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "

@@ -31,7 +31,7 @@ BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 
 class Shipper:
     def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
-                 name: str, rpo: float, zstd_level: int = 1,
+                 name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
                  limiter: trio.CapacityLimiter | None = None) -> None:
         self.tracker = tracker
         self.root_fd = root_fd
@@ -40,6 +40,7 @@ class Shipper:
         self.name = name
         self.rpo = rpo
         self.zstd_level = zstd_level
+        self.congestion = congestion
         self.limiter = limiter or trio.CapacityLimiter(2)
         self.connected = False
         self.last_error = ""
@@ -55,7 +56,8 @@ class Shipper:
         host, port = self.peer
         while True:
             try:
-                link = await Link.connect(host, port, self.name, zstd_level=self.zstd_level)
+                link = await Link.connect(host, port, self.name, zstd_level=self.zstd_level,
+                                          congestion=self.congestion)
             except LinkError as exc:
                 self._down(f"cannot reach {host}:{port}: {exc}")
             else:

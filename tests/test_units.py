@@ -1,0 +1,78 @@
+"""Unit tests under the mount tests: bitmap, state file, activity log, parsing."""
+
+import os
+import random
+
+import pytest
+
+from vrfs import activitylog
+from vrfs.bitmap import Bitmap
+from vrfs.errors import UserError
+from vrfs.parse import parse_address, parse_block_size, parse_duration, parse_size
+from vrfs.statefile import CorruptStateFile, DiskState, read_state, write_atomically
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_bitmap_ranges_match_a_set():
+    rng = random.Random(7)
+    bm, model = Bitmap(), set()
+    for _ in range(300):
+        a = rng.randrange(2000)
+        b = a + rng.randrange(100)
+        bm.set_range(a, b)
+        model |= set(range(a, b))
+    assert set(bm) == model and bm.count() == len(model)
+    bm.clear_from(1000)
+    assert set(bm) == {i for i in model if i < 1000}
+    other = Bitmap()
+    other.set(5000)
+    assert set(bm | other) == set(bm) | {5000}
+    assert Bitmap(b"\x01\x00") == Bitmap(b"\x01")
+
+
+def test_state_file_round_trip_and_corruption(tmp_path):
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        state = DiskState(disk_id=b"i" * 16, path="vm1/d.raw", block_size=65536, extent_size=4 << 20,
+                          ino=42, size=123, clean=True, bitmap=b"\x0f\xf0")
+        write_atomically(dir_fd, "42.psf", state.encode())
+        assert read_state(dir_fd, "42.psf") == state
+        data = bytearray((tmp_path / "42.psf").read_bytes())
+        for pos in (0, 20, len(data) - 1):
+            broken = bytearray(data)
+            broken[pos] ^= 1
+            with pytest.raises(CorruptStateFile):
+                DiskState.decode(bytes(broken))
+        with pytest.raises(CorruptStateFile):
+            DiskState.decode(bytes(data[:30]))
+        assert not list(tmp_path.glob(".*tmp"))  # no temp file left behind
+    finally:
+        os.close(dir_fd)
+
+
+def test_activity_log_ignores_torn_records(tmp_path):
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        log = activitylog.ActivityLogFile(dir_fd, 3)
+        log.append_durably(activitylog.encode_record(b"a" * 16, 1) + activitylog.encode_record(b"b" * 16, 9))
+        log.append_durably(activitylog.encode_record(b"a" * 16, 2)[:20])  # torn tail
+        log.close()
+        assert activitylog.read_hot_extents(dir_fd) == {b"a" * 16: {1}, b"b" * 16: {9}}
+        assert activitylog.read_hot_extents(dir_fd, min_generation=4) == {}
+        activitylog.remove_older_than(dir_fd, 4)
+        assert activitylog.generations(dir_fd) == []
+    finally:
+        os.close(dir_fd)
+
+
+def test_parsing_operator_input():
+    assert parse_size("64K") == 65536 and parse_size("1GiB") == 1 << 30
+    assert parse_block_size("1M") == 1 << 20
+    assert parse_duration("5m") == 300 and parse_duration("90") == 90
+    assert parse_address("dr.example") == ("dr.example", 44046)
+    assert parse_address("[::1]:9") == ("::1", 9)
+    for bad in (lambda: parse_block_size("48K"), lambda: parse_block_size("2M"),
+                lambda: parse_duration("0"), lambda: parse_address("h:0"), lambda: parse_size("x")):
+        with pytest.raises(UserError):
+            bad()
