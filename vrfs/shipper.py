@@ -67,6 +67,9 @@ class Shipper:
                     await self._session(link)
                 except LinkError as exc:
                     self._down(f"link to {host}:{port} failed: {exc}")
+                except Exception as exc:  # shipping must never take the datastore down
+                    log.exception("shipping failed")
+                    self._down(f"shipping failed: {type(exc).__name__}: {exc}")
                 finally:
                     with trio.CancelScope(shield=True):
                         await link.aclose()

@@ -356,8 +356,15 @@ class Tracker:
             await group.idle.wait()
             disks = sorted(self.group_disks(name), key=lambda d: d.path)
             cut = Cut(name, time.time(), group.oldest_change, self._dir_fd)
-            for disk in disks:
-                fd = open_disk(disk)
+            fds: list[int] = []
+            try:  # open everything before anything moves, so a failure changes nothing
+                for disk in disks:
+                    fds.append(open_disk(disk))
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            for disk, fd in zip(disks, fds):
                 bits = disk.active | disk.unacked
                 disk.unacked = bits.copy()
                 disk.active = Bitmap()
