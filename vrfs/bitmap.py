@@ -22,6 +22,11 @@ class Bitmap:
         self._grow(i + 1)
         self._bits[i >> 3] |= 1 << (i & 7)
 
+    def clear(self, i: int) -> None:
+        byte = i >> 3
+        if byte < len(self._bits):
+            self._bits[byte] &= ~(1 << (i & 7)) & 0xFF
+
     def test(self, i: int) -> bool:
         byte = i >> 3
         return byte < len(self._bits) and bool(self._bits[byte] & (1 << (i & 7)))

@@ -512,7 +512,8 @@ class CutPart:
     fd: int
     size: int
     bits: Bitmap
-    unread: set[int]
+    unread: Bitmap  # a bitmap, not a set: a full sync can put millions of blocks in one cycle
+    unread_count: int
     preserved: dict[int, bytes | tuple[int, int]] = field(default_factory=dict)  # in memory, or (offset, length) spilled
     full_sync: bool = False
 
@@ -540,17 +541,18 @@ class Cut:
 
     def add(self, disk: Disk, fd: int, bits: Bitmap) -> None:
         size = os.fstat(fd).st_size
-        part = CutPart(fd, size, bits, set(bits))
+        part = CutPart(fd, size, bits, bits.copy(), bits.count())
         part.full_sync = disk.needs_full_sync and disk.full_sync_scanned
         self.parts[disk] = part
 
     def preserve(self, disk: Disk, first: int, stop: int) -> None:
         part = self.parts.get(disk)
-        if part is None or not part.unread:
+        if part is None or not part.unread_count:
             return
         for i in range(first, stop):
-            if i in part.unread:
-                part.unread.discard(i)
+            if part.unread.test(i):
+                part.unread.clear(i)
+                part.unread_count -= 1
                 data = os.pread(part.fd, disk.block_size, i * disk.block_size)
                 if self.preserved_bytes + len(data) <= COW_MEMORY_BOUND:
                     part.preserved[i] = data
@@ -569,7 +571,9 @@ class Cut:
 
     def take(self, disk: Disk, index: int, read: bytes) -> bytes:
         part = self.parts[disk]
-        part.unread.discard(index)
+        if part.unread.test(index):
+            part.unread.clear(index)
+            part.unread_count -= 1
         kept = part.preserved.pop(index, None)
         if kept is None:
             return read
