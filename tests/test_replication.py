@@ -313,9 +313,7 @@ def test_renames_deletions_resizes_and_new_files_converge(site: Site) -> None:
         assert d["point"]["cut_time"] == pytest.approx(st[p]["last_point"]["cut_time"])
 
 
-@pytest.mark.xfail(strict=True, reason="a disk renamed into another group (or its group directory renamed) "
-                   "keeps its acknowledged state, so its new group's cycle creates it empty at the DR site: "
-                   "the replica reads zeros while status says in-sync (tracker.renamed, vrfs/tracker.py)")
+# Regression: a disk moved into another group was created empty at the DR site (fixed in 275b115).
 def test_rename_of_a_whole_group_and_across_groups(site: Site) -> None:
     m = site.mnt
     (m / "vm1").mkdir()
@@ -503,9 +501,7 @@ def test_dev_store_on_loop_devices_converges(tmp_path, mount_factory, stack) -> 
 
 
 @needs_loop
-@pytest.mark.xfail(strict=True, reason="a disk created in a group while another disk of the group is being "
-                   "compared (full-sync scan) joins the cut without a scan of its own (Shipper._ship_group, "
-                   "vrfs/shipper.py), so a dev: device keeps its old content wherever the new disk is not written")
+# Regression: a disk created during another disk's full-sync scan joined the cut unscanned (fixed in 275b115).
 def test_disk_created_during_a_full_sync_scan_is_compared_too(tmp_path, mount_factory, stack) -> None:
     devs = loop_devices(tmp_path, stack, 2, 256 * MiB)
     with open(devs[1], "r+b") as f:
