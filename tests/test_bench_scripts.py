@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end (slow: `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+JOB_NAMES = [
+    f"{kind} {bs} {engine} {mode}"
+    for kind, bs in (("seq-write", "1M"), ("seq-read", "1M"), ("rand-write", "4k"), ("rand-read", "4k"))
+    for engine in ("psync qd1", "libaio qd16")
+    for mode in ("buffered", "direct")
+]
+
+
+def _mounts() -> set[str]:
+    with open("/proc/self/mounts") as f:
+        return {line.split()[1] for line in f if "vrfs" in line}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("fio") is None or not os.path.exists("/dev/fuse"),
+                    reason="needs root, fio and /dev/fuse")
+def test_bench_datastore_quick(tmp_path: Path) -> None:
+    before = _mounts()
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(REPO / "scripts" / "bench-datastore"), "--quick", "--dir",
+                             str(tmp_path), "--json", str(out)],
+                            capture_output=True, text=True, timeout=840, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("job"))
+    for target in ("plain", "bare", "vrfs"):
+        assert target in lines[header]
+    rows = [line for line in lines[header + 2:] if line.strip() and not line.startswith("goals")]
+    assert [r[:34].strip() for r in rows] == JOB_NAMES
+    for r in rows:
+        numbers = r[34:].split()[:8]  # MB/s and IOPS of three targets, two ratios
+        assert all(float(n) > 0 for n in numbers), r
+    assert any(line.startswith("goals met:") for line in lines)
+
+    data = json.loads(out.read_text())
+    assert [r["job"] for r in data["rows"]] == JOB_NAMES
+    for r in data["rows"]:
+        assert set(r["results"]) == {"plain", "bare", "vrfs"}
+        assert set(r["ratios"]) == {"vrfs/plain", "vrfs/bare"}
+        assert "track" in r["goals"]
+
+    # Everything it made is gone: no mount left behind, no temporary directory.
+    assert _mounts() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
