@@ -18,7 +18,7 @@ import trio
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.link import Link, LinkError
 from vrfs.statefile import write_atomically
-from vrfs.store.base import Copy, hash_blocks
+from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
 
 log = logging.getLogger("vrfs.shipper")
@@ -197,39 +197,55 @@ class Shipper:
     async def _full_sync_scan(self, link: Link, disk: Disk) -> None:
         """Compare every block with the receiver's copy; mark the ones that
         differ. Writes meanwhile are tracked as usual; the next cycle carries
-        both and completes the full sync."""
+        both and completes the full sync.
+
+        Both sides hash at once: the receiver's hashes are fetched while ours
+        are computed. If the receiver has no copy, hashing is pointless: every
+        block that holds data (SEEK_DATA) is marked, and all-zero ones among
+        them travel as zero records."""
         st = os.stat(disk.path, dir_fd=self.root_fd, follow_symlinks=False)
         entry = DiskEntry(disk.disk_id, disk.path, st.st_size, disk.block_size)
-        log.info("%s: full sync: comparing %d blocks", disk.path, entry.block_count)
+        total = entry.block_count
+        log.info("%s: full sync: comparing %d blocks", disk.path, total)
         disk.sync_progress = 0.0
-        theirs = await link.fetch_hashes(disk.group, entry)
         fd = self._open_for_cut(disk)
         copy = Copy(fd=fd, size=st.st_size, sparse=True)
+        ours: list[bytes | None] = []
+        theirs: list[bytes | None] | None = None
         try:
-            differing = 0
-            first = 0
-            total = entry.block_count
-            per_call = max(1, READ_CHUNK // disk.block_size)
-            while first < total:
-                count = min(per_call, total - first)
-                ours = await trio.to_thread.run_sync(hash_blocks, copy, disk.block_size, first, count,
-                                                     limiter=self.limiter)
-                for k, h in enumerate(ours):
-                    i = first + k
-                    other = theirs[i] if theirs is not None and i < len(theirs) else None
-                    if h != other:
+            async with trio.open_nursery() as nursery:
+                async def hash_ours() -> None:
+                    per_call = max(1, READ_CHUNK // disk.block_size)
+                    while len(ours) < total:
+                        count = min(per_call, total - len(ours))
+                        ours.extend(await trio.to_thread.run_sync(
+                            hash_blocks, copy, disk.block_size, len(ours), count, limiter=self.limiter))
+                        disk.sync_progress = len(ours) / total
+
+                nursery.start_soon(hash_ours)
+                theirs = await link.fetch_hashes(disk.group, entry)
+                if theirs is None:
+                    nursery.cancel_scope.cancel()
+            if theirs is None:
+                differing = 0
+                for start, end in await trio.to_thread.run_sync(data_extents, fd, 0, st.st_size):
+                    first, stop = start // disk.block_size, -(-end // disk.block_size)
+                    disk.active.set_range(first, stop)
+                    differing += stop - first
+            else:
+                differing = 0
+                for i, h in enumerate(ours):
+                    if h != (theirs[i] if i < len(theirs) else None):
                         disk.active.set(i)
                         differing += 1
-                first += count
-                disk.sync_progress = first / total if total else 1.0
         finally:
             os.close(fd)
+        disk.sync_progress = 1.0
         disk.changed = True
         disk.full_sync_scanned = True
-        group = self.tracker.group(disk.group)
-        if group.oldest_change is None:
-            group.oldest_change = time.monotonic()
-        log.info("%s: full sync: %d of %d blocks differ", disk.path, differing, total)
+        self.tracker.note_change(disk.group)
+        log.info("%s: full sync: %d of %d blocks %s", disk.path, differing, total,
+                 "hold data (no copy at the DR site)" if theirs is None else "differ")
 
     # ----------------------------------------------------------- status
 
