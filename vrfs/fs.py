@@ -373,6 +373,8 @@ class Datastore(pyfuse3.Operations):
         fi = pyfuse3.FileInfo(fh=fd)
         fi.direct_io = bool(flags & os.O_DIRECT)
         fi.keep_cache = not fi.direct_io
+        if fi.direct_io:  # the caller does its own caching: readahead only wastes the disk's time
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return fi
 
     @_errno_boundary
@@ -407,7 +409,16 @@ class Datastore(pyfuse3.Operations):
 
     @_errno_boundary
     async def read(self, fh, off, size):
-        return await self._io(size, os.pread, fh, size, off)
+        if size < THREAD_IO_MIN:
+            # Served inline only if the page cache has it: a read that would
+            # wait for the disk goes to a thread, so the loop keeps dispatching.
+            buf = bytearray(size)
+            try:
+                n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
+                return bytes(buf) if n == size else bytes(buf[:n])
+            except BlockingIOError:
+                pass
+        return await trio.to_thread.run_sync(os.pread, fh, size, off, limiter=self._limiter)
 
     @_errno_boundary
     async def write(self, fh, off, buf):
