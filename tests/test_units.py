@@ -9,7 +9,8 @@ from vrfs import activitylog
 from vrfs.bitmap import Bitmap
 from vrfs.errors import UserError
 from vrfs.parse import parse_address, parse_block_size, parse_duration, parse_size
-from vrfs.statefile import CorruptStateFile, DiskState, read_state, write_atomically
+from vrfs.durable import write_atomically
+from vrfs.statefile import CorruptStateFile, DiskState, read_state
 
 pytestmark = pytest.mark.timeout(30)
 

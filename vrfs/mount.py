@@ -24,6 +24,7 @@ import pyfuse3
 import trio
 
 from vrfs import control, daemon
+from vrfs.durable import write_atomically
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.fs import CONTROL_XATTR, PID_XATTR, STATE_DIR, Datastore
 from vrfs.parse import parse_address, parse_block_size, parse_duration
@@ -119,7 +120,7 @@ def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[
         block_size, extent_size = int(config["block_size"]), int(config["extent_size"])
     except FileNotFoundError:
         block_size, extent_size = requested or DEFAULT_BLOCK_SIZE, DEFAULT_EXTENT_SIZE
-        from vrfs.statefile import write_atomically
+
         write_atomically(vrfs_fd, CONFIG_NAME, json.dumps(
             {"block_size": block_size, "extent_size": extent_size}).encode())
     except (ValueError, KeyError, TypeError) as exc:

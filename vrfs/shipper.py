@@ -17,7 +17,7 @@ import trio
 
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.link import Link, LinkError
-from vrfs.statefile import write_atomically
+from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
 

@@ -7,7 +7,7 @@ Layout (little endian), the whole file covered by a trailing xxh3-64:
     | ctime_ns u64 | al_generation u64 | bitmap_len u32 | path_len u16
     | reason_len u16 | path | reason | bitmap | xxh3_64(all before)
 
-A state file is only ever replaced whole (temp file, fsync, rename, fsync of
+A state file is only ever replaced whole (vrfs.durable: temp file, fsync, rename, fsync of
 the directory), so a crash leaves either the old or the new one; anything that
 fails to parse or to verify is *corrupt* and makes its disk need a full sync.
 """
@@ -88,26 +88,6 @@ class DiskState:
             needs_full_sync=bool(flags & FLAG_NEEDS_FULL_SYNC), reason=reason,
             bitmap=bytes(body[pos:]),
         )
-
-
-def state_file_name(disk_id: bytes) -> str:
-    return disk_id.hex() + ".psf"
-
-
-def write_atomically(dir_fd: int, name: str, data: bytes, *, sync_dir: bool = True) -> None:
-    """Replace ``name`` in the directory ``dir_fd`` with ``data``, crash-safely."""
-    tmp = f".{name}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    if sync_dir:
-        os.fsync(dir_fd)
 
 
 def read_state(dir_fd: int, name: str) -> DiskState:

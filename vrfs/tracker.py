@@ -27,7 +27,8 @@ import trio
 from vrfs import activitylog
 from vrfs.bitmap import Bitmap
 from vrfs.cycle import group_of
-from vrfs.statefile import CorruptStateFile, DiskState, read_state, write_atomically
+from vrfs.durable import write_atomically
+from vrfs.statefile import CorruptStateFile, DiskState, read_state
 
 log = logging.getLogger("vrfs.tracker")
 

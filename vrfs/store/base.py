@@ -24,7 +24,7 @@ from pathlib import Path
 import xxhash
 
 from vrfs.cycle import CycleHeader, DiskEntry
-from vrfs.store.durable import atomic_write, remove_tree
+from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
 

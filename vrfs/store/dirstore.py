@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.store.base import Copy, GroupState, Store, StoreError, write_all
-from vrfs.store.durable import fsync_dir
+from vrfs.durable import fsync_dir
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02

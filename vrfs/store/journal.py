@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vrfs.cycle import CycleHeader
-from vrfs.store.durable import atomic_write, fsync_dir, remove_tree
+from vrfs.durable import atomic_write, fsync_dir, remove_tree
 from vrfs.wire import BATCH_RECORD, KIND_DATA, header_from_json, header_to_json
 
 READ_CHUNK = 8 << 20
