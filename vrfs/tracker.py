@@ -95,8 +95,7 @@ class Group:
     def __init__(self, name: str) -> None:
         self.name = name
         self.writers = 0
-        self.idle = trio.Event()
-        self.idle.set()
+        self.drained: trio.Event | None = None  # set when ``writers`` reaches 0, while a cut waits
         self.cut_in_progress: trio.Event | None = None
         self.oldest_change: float | None = None  # monotonic time of the oldest unshipped change
 
@@ -214,34 +213,51 @@ class Tracker:
     async def begin_write(self, disk: Disk, offset: int, length: int) -> Group:
         """Mark the blocks of a change and make their extents hot. Returns the
         group, whose writer count stays raised until ``end_write``: the backing
-        write must happen in between."""
+        write must happen in between.
+
+        The common case (no cut in progress, extents already hot) awaits
+        nothing and allocates nothing: it runs once per write request."""
         group = self.group(disk.group)
-        while group.cut_in_progress is not None:
-            await group.cut_in_progress.wait()
-        first, stop = disk.blocks(offset, length)
-        if stop > first:
-            await self._make_hot(disk, first, stop)
-            while group.cut_in_progress is not None:  # a cut began while we waited
-                await group.cut_in_progress.wait()
+        if length > 0:
+            bs = disk.block_size
+            first, stop = offset // bs, (offset + length + bs - 1) // bs
+            per_extent = disk.extent_size // bs
+            hot = disk.hot
+            if (group.cut_in_progress is not None or first // per_extent not in hot
+                    or (stop - 1) // per_extent not in hot):
+                await self._wait_for_cut(group)
                 await self._make_hot(disk, first, stop)
+                while group.cut_in_progress is not None:  # a cut began while we waited
+                    await self._wait_for_cut(group)
+                    await self._make_hot(disk, first, stop)
+            elif stop - first > per_extent:
+                await self._make_hot(disk, first, stop)  # extents in between; returns at once if hot
             # No await between the last check above and here: the marks and the
             # writer count change atomically with respect to cuts and checkpoints.
             if disk.cut is not None:
                 disk.cut.preserve(disk, first, stop)
-            disk.active.set_range(first, stop)
+            if stop - first == 1:
+                disk.active.set(first)
+            else:
+                disk.active.set_range(first, stop)
             disk.changed = True
+        elif group.cut_in_progress is not None:
+            await self._wait_for_cut(group)
         if group.oldest_change is None:
             group.oldest_change = time.monotonic()
         group.writers += 1
-        if group.writers == 1:
-            group.idle = trio.Event()
         return group
+
+    @staticmethod
+    async def _wait_for_cut(group: Group) -> None:
+        while group.cut_in_progress is not None:
+            await group.cut_in_progress.wait()
 
     @staticmethod
     def end_write(group: Group) -> None:
         group.writers -= 1
-        if group.writers == 0:
-            group.idle.set()
+        if group.writers == 0 and group.drained is not None:
+            group.drained.set()
 
     def wrote(self, disk: Disk, offset: int, length: int) -> None:
         """Bookkeeping after a successful write: the file may have grown."""
@@ -354,7 +370,10 @@ class Tracker:
             await group.cut_in_progress.wait()
         gate = group.cut_in_progress = trio.Event()
         try:
-            await group.idle.wait()
+            if group.writers:
+                group.drained = trio.Event()
+                await group.drained.wait()
+                group.drained = None
             disks = sorted(self.group_disks(name), key=lambda d: d.path)
             cut = Cut(name, time.time(), group.oldest_change, self._dir_fd)
             fds: list[int] = []
