@@ -75,11 +75,6 @@ class Bitmap:
         merged = (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
         return Bitmap(merged)
 
-    def __ior__(self, other: "Bitmap") -> "Bitmap":
-        merged = self | other
-        self._bits = merged._bits
-        return self
-
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Bitmap) and self._bits.rstrip(b"\0") == other._bits.rstrip(b"\0")
 

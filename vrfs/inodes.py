@@ -66,9 +66,3 @@ class InodeTable:
                 elif p.startswith(prefix):
                     paths.discard(p)
                     paths.add(new + p[len(old):])
-
-    def lookups(self, ino: int) -> int:
-        return self._lookups.get(ino, 0)
-
-    def __len__(self) -> int:
-        return len(self._lookups)

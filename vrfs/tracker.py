@@ -78,10 +78,6 @@ class Disk:
     def dirty(self) -> Bitmap:
         return self.active | self.unacked
 
-    def blocks(self, offset: int, length: int) -> tuple[int, int]:
-        """Block range [first, stop) touched by ``length`` bytes at ``offset``."""
-        return offset // self.block_size, (offset + length + self.block_size - 1) // self.block_size
-
     def mark_full(self, reason: str) -> None:
         self.needs_full_sync = True
         self.reason = reason
@@ -347,13 +343,6 @@ class Tracker:
         growth adds zeros, which the replica gets from its own size change
         (a shrink and regrowth within one cycle is covered by the shrink)."""
         return (new, old - new) if new < old else (new, 0)
-
-    async def resized(self, disk: Disk, old: int, new: int) -> None:
-        group = await self.begin_write(disk, *self.resize_range(old, new))
-        try:
-            disk.size = new
-        finally:
-            self.end_write(group)
 
     # ------------------------------------------------------------------ cuts
 
