@@ -130,3 +130,16 @@ def test_offline_change_means_full_sync(tmp_path, mount_factory):
     assert fresh["state"] == "needs-full-sync"
     assert "while vrfs was not mounted" in fresh["reason"]
     assert "needs full sync" in m2.log()
+
+
+def test_hard_link_keeps_the_disk_under_its_remaining_name(datastore):
+    mnt = datastore.mountpoint
+    (mnt / "vm1").mkdir()
+    pwrite(mnt / "vm1" / "a.raw", 2 * BS, b"h")
+    os.link(mnt / "vm1" / "a.raw", mnt / "vm1" / "b.raw")
+    assert [d["path"] for d in datastore.status()] == ["vm1/a.raw"]  # one disk, one name
+    os.unlink(mnt / "vm1" / "a.raw")
+    assert [d["path"] for d in datastore.status()] == ["vm1/b.raw"]
+    assert datastore.dirty_blocks("vm1/b.raw") == {2}
+    os.unlink(mnt / "vm1" / "b.raw")
+    assert datastore.status() == []

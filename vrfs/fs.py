@@ -263,7 +263,10 @@ class Datastore(pyfuse3.Operations):
         path = self._child(parent_inode, name)
         st = self._lstat(path)
         os.unlink(path, dir_fd=self._root)
-        self._inodes.unlinked(self._inodes.fuse_ino(st.st_ino), path)
+        ino = self._inodes.fuse_ino(st.st_ino)
+        self._inodes.unlinked(ino, path)
+        if st.st_nlink > 1 and self._tracker is not None:
+            self._tracker.name_removed(st.st_ino, path, self._inodes.other_path(ino, path))
         self._forget_disk_if_gone(st)
 
     @_errno_boundary

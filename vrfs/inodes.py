@@ -32,6 +32,10 @@ class InodeTable:
             raise KeyError(ino)
         return next(iter(paths))
 
+    def other_path(self, ino: int, path: str) -> str | None:
+        """Another known name of ``ino`` than ``path``, if the kernel knows one."""
+        return next((p for p in self._paths.get(ino, ()) if p != path), None)
+
     def child(self, parent: int, name: str) -> str:
         base = self.path(parent)
         return name if base == "." else f"{base}/{name}"

@@ -102,7 +102,10 @@ class Shipper:
                 disk.full_sync_scanned = False
         while True:
             for name in self._due_groups():
-                await self._ship_group(link, name)
+                try:
+                    await self._ship_group(link, name)
+                except OSError as exc:  # this group's files; the others still ship
+                    log.warning("%s: cannot ship now: %s", name, exc)
             await trio.sleep(0.1)
 
     def _needs_scan(self, disk: Disk) -> bool:

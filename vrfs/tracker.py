@@ -321,6 +321,18 @@ class Tracker:
             self._forget_state_later.add(ino)
             self.note_change(disk.group)
 
+    def name_removed(self, ino: int, path: str, other: str | None) -> None:
+        """One name of a disk with several (hard links) is gone: it replicates
+        under another one, or, if no other name is known, stops replicating."""
+        disk = self.disks.get(ino)
+        if disk is None or disk.path != path:
+            return
+        if other is not None:
+            self.renamed(path, other)
+        else:
+            log.warning("%s: removed, and its other names are unknown; it is no longer replicated", path)
+            self.removed(ino)
+
     def renamed(self, old: str, new: str) -> None:
         """A file or directory moved; disks below it follow."""
         prefix = old + "/"
