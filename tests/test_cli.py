@@ -50,7 +50,7 @@ def test_status_and_umount_refuse_what_is_not_a_mount(tmp_path):
     fails("status", str(tmp_path), expect="not a vrfs mount")
     fails("umount", str(tmp_path), expect="not a vrfs mount")
     fails("status", expect="MOUNTPOINT or --store")
-    fails("status", "--store", f"dir:{tmp_path}/none", expect="")
+    fails("status", "--store", f"dir:{tmp_path}/none", expect="is not a vrfs store")
 
 
 def test_help_explains():

@@ -122,7 +122,9 @@ class Shipper:
                 due.append(name)
             elif group.oldest_change is not None and (
                     now - group.oldest_change >= self.rpo / 2
-                    or sum(d.dirty().count() * d.block_size for d in disks) >= DIRTY_BOUND):
+                    # active only: OR-ing in unacked would copy every bitmap each poll, and a
+                    # group with unacked blocks is due anyway (below)
+                    or sum(d.active.count() * d.block_size for d in disks) >= DIRTY_BOUND):
                 due.append(name)
             elif any(d.unacked for d in disks):
                 due.append(name)  # a cycle that failed: send it again now
