@@ -1,21 +1,29 @@
-"""Mounting must not let writes escape tracking: a process that opened a disk
-for writing before the mount keeps writing to the backing file behind vrfs's
-back, so `vrfs mount` refuses (or, with --force, says which files it cannot
-track).
+"""Mounting must not let writes escape tracking, and reads must work on any
+backing file system.
+
+- A process that opened a disk for writing before the mount keeps writing to
+  the backing file behind vrfs's back: `vrfs mount` refuses (or, with
+  --force, says which files it cannot track).
+- tmpfs refuses RWF_NOWAIT reads with EOPNOTSUPP: reads fall back to a plain
+  pread instead of failing.
 
 Helper processes are ended by their PID; mounts are removed at teardown.
 """
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyfuse3
 import pytest
 
 from mounthelpers import is_mounted
+from vrfs.fs import Datastore
 from vrfs.openwriters import OpenWriter, describe, find_open_writers
 
 pytestmark = pytest.mark.timeout(90)
@@ -164,3 +172,125 @@ def test_describe_groups_by_file_and_caps():
     writers = [OpenWriter("a", 1, "x"), OpenWriter("a", 2, "y"), OpenWriter("b", 1, "x")]
     assert describe(writers) == "a (pid 1 x, pid 2 y), b (pid 1 x)"
     assert describe(writers, limit=1) == "a (pid 1 x, pid 2 y) and 1 more"
+
+
+# ------------------------------------------------------------ tmpfs backing
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A tmpfs mounted in the test's directory; unmounted at teardown, after
+    any vrfs mount over it (fixtures requested later are torn down first)."""
+    path = tmp_path / "tmpfs"
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)], check=True)
+    yield path
+    for _ in range(3):  # a vrfs mount left on top goes first
+        if not is_mounted(path):
+            break
+        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def direct_read(path: Path, offset: int, size: int) -> bytes:
+    """A read that reaches the daemon as it is (O_DIRECT: no page cache, no readahead)."""
+    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT wants
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        n = os.preadv(fd, [buf], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def test_reads_on_a_tmpfs_datastore(tmpfs, mount_factory):
+    pattern = b"".join(i.to_bytes(4, "little") * 1024 for i in range(256))  # 1 MiB, 4 KiB blocks all different
+    (tmpfs / "before.raw").write_bytes(pattern)  # in the page cache of the backing file only
+    m = mount_factory(tmpfs)
+    disk = m.mountpoint / "vm1" / "disk.raw"
+    disk.parent.mkdir()
+    with open(disk, "wb") as f:
+        f.write(pattern)
+        f.flush()
+        os.fsync(f.fileno())
+    for name in ("before.raw", "vm1/disk.raw"):
+        path = m.mountpoint / name
+        for offset in (0, 4096, 65536, 1 << 19, (1 << 20) - 4096):
+            assert direct_read(path, offset, 4096) == pattern[offset:offset + 4096], (name, offset)
+        assert direct_read(path, 8192, 64 << 10) == pattern[8192:8192 + (64 << 10)]
+        assert direct_read(path, 0, 1 << 20) == pattern  # large: the threaded path
+        assert direct_read(path, (1 << 20) - 4096, 8192) == pattern[-4096:]  # up to the end
+        with open(path, "rb") as f:  # buffered, through the kernel's page cache
+            assert f.read() == pattern
+    dd = subprocess.run(["dd", f"if={disk}", "bs=4k", "skip=3", "count=2", "iflag=direct", "status=none"],
+                        capture_output=True, timeout=30)
+    assert dd.returncode == 0 and dd.stdout == pattern[3 * 4096:5 * 4096], dd.stderr
+    img = m.mountpoint / "vm1" / "disk1.raw"
+    subprocess.run(["truncate", "-s", "4M", str(img)], check=True)
+    out = subprocess.run(["qemu-io", "-f", "raw", "-t", "none", "-c", "write -P 0x6b 0 2M",
+                          "-c", "read -P 0x6b 4k 4k", "-c", "read -P 0x6b 1M 512",
+                          "-c", "read -P 0 2M 4k", str(img)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "failed" not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_a_read_partly_in_the_page_cache_is_read_whole(tmp_path, mount_factory):
+    """RWF_NOWAIT returns what the page cache holds and stops at the first
+    page it does not: a short count that is not the end of the file."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    data = os.urandom(1 << 20)
+    (src / "disk.raw").write_bytes(data)
+    m = mount_factory(src, mnt)
+    fd = os.open(src / "disk.raw", os.O_RDONLY)  # read-only: no writer to refuse
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # nothing cached...
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        os.pread(fd, 4096, 0)  # ...but the first page
+    finally:
+        os.close(fd)
+    got = direct_read(m.mountpoint / "disk.raw", 0, 64 << 10)
+    assert len(got) == 64 << 10 and got == data[:64 << 10]
+
+
+async def test_a_refused_nowait_read_is_not_retried_on_that_file(tmpfs, monkeypatch):
+    """The handler itself: after tmpfs said EOPNOTSUPP once, reads of that open
+    file go straight to the plain pread."""
+    (tmpfs / "f").write_bytes(b"x" * 8192)
+    tries = []
+    real_preadv = os.preadv
+
+    def counting_preadv(fd, buffers, offset, flags=0):
+        tries.append(flags)
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", counting_preadv)
+    root = os.open(tmpfs, os.O_PATH | os.O_DIRECTORY)
+    fh = os.open(tmpfs / "f", os.O_RDONLY)
+    try:
+        ds = Datastore(root, None)
+        assert [await ds.read(fh, off, 4096) for off in (0, 4096, 8192)] == [b"x" * 4096] * 2 + [b""]
+        assert tries == [os.RWF_NOWAIT]
+    finally:
+        os.close(fh)
+        os.close(root)
+
+
+async def test_read_errors_still_reach_the_caller(tmp_path, monkeypatch):
+    """Only refusals of RWF_NOWAIT fall back; a failing disk is EIO, as before."""
+    def failing_preadv(fd, buffers, offset, flags=0):
+        raise OSError(errno.EIO, "Input/output error")
+
+    (tmp_path / "f").write_bytes(b"x" * 4096)
+    root = os.open(tmp_path, os.O_PATH | os.O_DIRECTORY)
+    fh = os.open(tmp_path / "f", os.O_RDONLY)
+    monkeypatch.setattr(os, "preadv", failing_preadv)
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await Datastore(root, None).read(fh, 0, 4096)
+        assert exc.value.errno == errno.EIO
+    finally:
+        os.close(fh)
+        os.close(root)
