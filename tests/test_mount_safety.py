@@ -253,6 +253,8 @@ def test_a_read_partly_in_the_page_cache_is_read_whole(tmp_path, mount_factory):
         os.close(fd)
     got = direct_read(m.mountpoint / "disk.raw", 0, 64 << 10)
     assert len(got) == 64 << 10 and got == data[:64 << 10]
+    for _ in range(2):  # across the end of the file: the page not cached, then cached
+        assert direct_read(m.mountpoint / "disk.raw", (1 << 20) - 4096, 8192) == data[-4096:]
 
 
 async def test_a_refused_nowait_read_is_not_retried_on_that_file(tmpfs, monkeypatch):

@@ -437,12 +437,13 @@ class Datastore(pyfuse3.Operations):
             # would wait for the disk goes to a thread, so the loop keeps
             # dispatching.
             head = self._read_cached(fh, off, size)
-            if len(head) == size:
+            if len(head) == size or (head and off + len(head) >= os.fstat(fh).st_size):
                 return head
         # A short RWF_NOWAIT read stops at the first page not cached, not only
         # at the end of the file; returned as it is, the kernel would take it
         # for the end of the file (zeros in its page cache, a short read for
-        # O_DIRECT). Only a blocking read of the rest tells.
+        # O_DIRECT). So it is returned only at the end of the file, and the
+        # rest is read here otherwise.
         rest = await trio.to_thread.run_sync(os.pread, fh, size - len(head), off + len(head),
                                              limiter=self._limiter)
         return head + rest
