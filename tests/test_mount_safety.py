@@ -4,8 +4,9 @@ backing file system.
 - A process that opened a disk for writing before the mount keeps writing to
   the backing file behind vrfs's back: `vrfs mount` refuses (or, with
   --force, says which files it cannot track).
-- tmpfs refuses RWF_NOWAIT reads with EOPNOTSUPP: reads fall back to a plain
-  pread instead of failing.
+- tmpfs refuses RWF_NOWAIT reads with EOPNOTSUPP, and elsewhere RWF_NOWAIT
+  returns a short count when part of the range is not cached: reads fall
+  back to a plain pread instead of failing or coming back short.
 
 Helper processes are ended by their PID; mounts are removed at teardown.
 """
@@ -64,6 +65,8 @@ def hold():
         if p.poll() is None:
             p.kill()
         p.wait(10)
+        p.stdin.close()
+        p.stdout.close()
 
 
 def refused(mount_factory, source: Path, mountpoint: Path | None = None) -> str:
