@@ -348,3 +348,187 @@ async def test_pending_journal_applied_between_hash_and_cycle(tmp_path: Path, st
         await send(link, hdr("vm1", 4, d, full_sync={d.disk_id: theirs.basis}), differing(0, d_content, theirs))
     await link.aclose()
     assert replica() == d_content
+
+
+# ------------------------------------------- crash anywhere in an adopting apply
+
+class Crash(BaseException):
+    """Stands for the process dying at that instant."""
+
+
+def counting_faults(monkeypatch: pytest.MonkeyPatch, budget: int) -> list[int]:
+    """Let `budget` mutating file system calls through, then 'crash' at the next one."""
+    calls = [0]
+    for name in ("replace", "unlink", "rename", "ftruncate", "pwrite", "rmdir", "copy_file_range", "fsync"):
+        real = getattr(os, name)
+
+        def wrapped(*args, _real=real, **kw):  # type: ignore[no-untyped-def]
+            if calls[0] >= budget:
+                raise Crash()
+            calls[0] += 1
+            return _real(*args, **kw)
+        monkeypatch.setattr(os, name, wrapped)
+    return calls
+
+
+async def test_crash_at_every_step_of_an_adopting_apply(tmp_path: Path, store: Path, stack: ExitStack,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """One committed cycle renames X a.raw -> c.raw (a new D takes a.raw and
+    starts from a copy of X), deletes Y (a new E takes b.raw and starts from
+    Y, moved), and writes blocks to all. The apply is cut after every single
+    file system call, then run again (as the restart does, maybe cut again):
+    each time the replicas end exactly at the cycle."""
+    import shutil
+    from vrfs.store import open_store
+
+    url = f"dir:{store}"
+    log = tmp_path / "serve.log"
+    xc, yc = rand(SIZE, 20), rand(SIZE, 21)
+    x, y = disk(X_ID, "vm1/a.raw", SIZE), disk(Y_ID, "vm1/b.raw", SIZE)
+    s0 = Server(url, log)
+    stack.callback(s0.stop)
+    s0.start()
+    link = await connect(s0)
+    await send(link, hdr("vm1", 1, x, y), all_blocks(0, xc) + all_blocks(1, yc))
+    hd = await link.fetch_hashes("vm1", disk(D_ID, "vm1/a.raw", SIZE))
+    he = await link.fetch_hashes("vm1", disk(E_ID, "vm1/b.raw", SIZE))
+    assert hd is not None and he is not None
+    await link.aclose()
+    s0.stop()
+
+    dc = with_block(xc, 1, rand(BS, 22))
+    ec = with_block(yc, 2, bytes(BS))
+    xc2 = with_block(xc, 4, rand(BS, 23))
+    s1 = Server(url, log, env={"VRFS_TEST_CRASH": "committed"})
+    stack.callback(s1.stop)
+    s1.start()
+    link = await connect(s1)
+    x2, d, e = disk(X_ID, "vm1/c.raw", SIZE), disk(D_ID, "vm1/a.raw", SIZE), disk(E_ID, "vm1/b.raw", SIZE)
+    cycle = hdr("vm1", 2, x2, d, e, full_sync={d.disk_id: hd.basis, e.disk_id: he.basis})
+    records = [(0, 4, xc2[4 * BS:5 * BS])] + differing(1, dc, hd) + differing(2, ec, he)
+    with pytest.raises(LinkError):
+        await send(link, cycle, records)
+    s1.wait()
+    await link.aclose()
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(store, snapshot, symlinks=True)
+    want = {"vm1/c.raw": xc2, "vm1/a.raw": dc, "vm1/b.raw": ec}
+    budget = 0
+    while True:
+        shutil.rmtree(store)
+        shutil.copytree(snapshot, store, symlinks=True)
+        st = open_store(url)
+        try:
+            (src, journal), = st.leftover_journals()
+            with monkeypatch.context() as m:
+                counting_faults(m, budget)
+                try:
+                    st.apply(src, journal)
+                    finished = True
+                except Crash:
+                    finished = False
+            # The restart: redo, once cut again half-way through, then in full.
+            with monkeypatch.context() as m:
+                counting_faults(m, budget // 2)
+                try:
+                    leftover = st.leftover_journals()
+                    if leftover:
+                        st.settle(*leftover[0])
+                except Crash:
+                    pass
+            for s, j in st.leftover_journals():
+                st.settle(s, j)
+        finally:
+            st.close()
+        got = {p: replica_bytes(store, p) for p in want}
+        assert got == want, f"cut after {budget} calls"
+        assert {p.name for p in (store / "hv1/vm1").iterdir()} == {"a.raw", "b.raw", "c.raw"}
+        assert set(states(url).values()) == {"ok"}
+        if finished:
+            break
+        budget += 1
+    assert budget > 10
+
+
+# ------------------------------------------------ refusals, retries, restarts
+
+async def test_refused_full_sync_retried_until_it_holds(server: Server, store: Path) -> None:
+    """The copy a full sync compared with keeps changing before the cycle
+    arrives (written by hand at the DR site, or by another cycle of the
+    group); every such cycle is refused with the disk to compare again, the
+    connection stays usable, nothing is written, and the first cycle whose
+    basis still holds lands exactly. A source that restarts between hash and
+    cycle (a new connection) may use the basis it was given."""
+    url = f"dir:{store}"
+    xc = rand(SIZE, 30)
+    x, y = disk(X_ID, "vm1/a.raw", SIZE), disk(Y_ID, "vm1/y.raw", SIZE)
+    link = await connect(server)
+    await send(link, hdr("vm1", 1, x, y), all_blocks(0, xc) + all_blocks(1, rand(SIZE, 31)))
+
+    # A new disk at an occupied path without a comparison: refused, D named.
+    d = disk(D_ID, "vm1/a.raw", SIZE)
+    dc = with_block(xc, 0, rand(BS, 32))
+    with pytest.raises(CycleRefused) as refused:
+        await send(link, hdr("vm1", 2, d, y), all_blocks(0, dc)[:1])
+    assert refused.value.resync == {d.disk_id}
+    assert replica_bytes(store, "vm1/a.raw") == xc
+
+    cycle_id = 2
+    for round_ in range(12):
+        theirs = await link.fetch_hashes("vm1", d)
+        assert theirs is not None
+        if round_ % 2:
+            # Changed by hand at the DR site, same size.
+            with open(store / "hv1/vm1/a.raw", "r+b") as f:
+                f.seek((round_ % NBLK) * BS)
+                f.write(b"hand" * 16)
+            xc = bytearray(replica_bytes(store, "vm1/a.raw"))
+        else:
+            # Another cycle of the group rewrites X (the source's ordinary work).
+            cycle_id += 1
+            xc = with_block(bytes(xc), round_ % NBLK, rand(BS, 100 + round_))
+            await send(link, hdr("vm1", cycle_id, x, y), [(0, round_ % NBLK, xc[(round_ % NBLK) * BS:][:BS])])
+        cycle_id += 1
+        with pytest.raises(CycleRefused) as refused:
+            await send(link, hdr("vm1", cycle_id, d, y, full_sync={d.disk_id: theirs.basis}),
+                       differing(0, dc, theirs))
+        assert refused.value.resync == {d.disk_id}
+        assert replica_bytes(store, "vm1/a.raw") == bytes(xc)
+        assert states(url) == {"vm1/a.raw": "ok", "vm1/y.raw": "ok"}
+
+    theirs = await link.fetch_hashes("vm1", d)
+    assert theirs is not None
+    await link.aclose()
+    link = await connect(server)  # the source restarted between hash and cycle
+    cycle_id += 1
+    await send(link, hdr("vm1", cycle_id, d, y, full_sync={d.disk_id: theirs.basis}), differing(0, dc, theirs))
+    await link.aclose()
+    assert replica_bytes(store, "vm1/a.raw") == dc
+    assert states(url) == {"vm1/a.raw": "ok", "vm1/y.raw": "ok"}
+
+
+async def test_basis_from_another_source_is_refused(server: Server, store: Path) -> None:
+    """Two sources with the same group and paths: a basis handed to one is
+    worthless to the other, and nothing of the first one's replica moves."""
+    xc = rand(SIZE, 40)
+    a = await connect(server, "hv1")
+    b = await connect(server, "hv2")
+    x = disk(X_ID, "vm1/a.raw", SIZE)
+    await send(a, hdr("vm1", 1, x), all_blocks(0, xc))
+    theirs = await a.fetch_hashes("vm1", disk(D_ID, "vm1/a.raw", SIZE))
+    assert theirs is not None
+    assert await b.fetch_hashes("vm1", disk(D_ID, "vm1/a.raw", SIZE)) is None
+    d = disk(D_ID, "vm1/z.raw", SIZE)
+    dc = with_block(xc, 2, rand(BS, 41))
+    with pytest.raises(CycleRefused) as refused:
+        await send(b, hdr("vm1", 1, d, full_sync={d.disk_id: theirs.basis}), differing(0, dc, theirs))
+    assert refused.value.resync == {d.disk_id}
+    # hv2 with the same ids as hv1, its own content.
+    x2c = rand(SIZE, 42)
+    await send(b, hdr("vm1", 1, x), all_blocks(0, x2c))
+    await a.aclose()
+    await b.aclose()
+    assert replica_bytes(store, "vm1/a.raw", "hv1") == xc
+    assert replica_bytes(store, "vm1/a.raw", "hv2") == x2c
+    assert not (store / "hv2/vm1/z.raw").exists()
