@@ -4,15 +4,14 @@ proved byte for byte against a real `vrfs serve`.
 Protocol-level sequences drive the receiver with Link as a source would
 (HASHES_REQ, then a cycle carrying `full_sync` with the basis it was given),
 sending exactly the blocks whose digests differ from the receiver's copy.
-Tests marked xfail(strict) document a bug: the replica ends with bytes the
-source never had while the store calls it `ok`.
+Each of these once ended with bytes the source never had while the store
+called the replica `ok`, or with a group that could never advance.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -116,9 +115,6 @@ SIZE = NBLK * BS
 
 # ------------------------------------------------ dir: adoption of a basis
 
-@pytest.mark.xfail(strict=True, reason="dir: a new disk whose basis is a disk that stays at its path is not "
-                                       "given a copy of it (move_out skips unchanged disks before looking "
-                                       "for an heir): built on zeros")
 async def test_new_disk_adopting_a_disk_that_stays_in_place(server: Server, store: Path) -> None:
     """At the source: X at a.raw is moved aside, a new disk D is created at
     a.raw and compared (its basis is X's replica), then D is moved to b.raw
@@ -142,8 +138,6 @@ async def test_new_disk_adopting_a_disk_that_stays_in_place(server: Server, stor
     assert replica_bytes(store, "vm1/b.raw") == d_content
 
 
-@pytest.mark.xfail(strict=True, reason="two new disks compared with the same old replica: adoptions() keeps "
-                                       "one heir per basis, the other new disk is built on zeros")
 async def test_two_new_disks_with_the_same_basis(server: Server, store: Path) -> None:
     """Two new disks were each compared at a.raw while the receiver still
     knew X there (D, then moved to b.raw; E, then moved to c.raw); X is
@@ -230,9 +224,6 @@ def read_dev(dev: str, n: int) -> bytes:
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="dev: a new disk adopting the basis of a disk at another path is "
-                                       "written on its own device, never given the basis' content "
-                                       "(DevStore.move_out does nothing): built on the device's old bytes")
 async def test_dev_new_disk_adopting_a_basis_at_another_path(tmp_path: Path, stack: ExitStack) -> None:
     devs = make_devices(tmp_path, stack, 2, 2 * SIZE, b"OLD-LV--")
     mapfile = tmp_path / "map"
@@ -261,10 +252,7 @@ async def test_dev_new_disk_adopting_a_basis_at_another_path(tmp_path: Path, sta
 
 @pytest.mark.parametrize("kind", [
     "dir",
-    pytest.param("dev", marks=pytest.mark.xfail(
-        strict=True, reason="dev: the basis fingerprint (device path and size) does not change when a pending "
-                            "committed journal is applied between the hash and the cycle: built on bytes "
-                            "the source never compared")),
+    "dev",
 ])
 async def test_pending_journal_applied_between_hash_and_cycle(tmp_path: Path, stack: ExitStack, kind: str) -> None:
     """A committed cycle cannot be applied at a restart (its device or file
@@ -534,8 +522,6 @@ async def test_basis_from_another_source_is_refused(server: Server, store: Path)
     assert not (store / "hv2/vm1/z.raw").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="dev: a disk moved aside with a new disk created at its path is refused "
-                                       "at every try, with no disk to compare again: the group never advances")
 async def test_dev_disk_moved_aside_and_replaced_wedges_the_group(tmp_path: Path, stack: ExitStack) -> None:
     """The move-aside-and-replace of test_replica_identity on a dev: store,
     with both paths mapped: the source compares D with X's replica and

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import vrfs
-from sitehelpers import BS, MiB, NAME, Site, sha, tree
+from sitehelpers import BS, MiB, Site, sha
 
 pytestmark = [
     pytest.mark.timeout(120),

@@ -12,6 +12,7 @@ Methods here do blocking I/O: the receiver calls them in worker threads.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import json
@@ -218,17 +219,26 @@ class Store(ABC):
         known = state.by_id().get(disk.disk_id) if state else None
         if known is None and state is not None:
             known = next((d for d in state.disks if d.path == disk.path), None)
-        return self.open_copy_at(source, disk, known)
+        copy = self.open_copy_at(source, disk, known)
+        if copy is None:
+            return None
+        # The group's point is part of the basis: a cycle of the group applied
+        # in between (a committed journal redone) changes the copy even where
+        # the backend's fingerprint cannot tell (a device).
+        return dataclasses.replace(copy, basis=f"{copy.basis}@{state.cycle_id if state else 0}")
 
-    def basis_holds(self, source: str, disk: DiskEntry, basis: str, old: dict[bytes, DiskEntry]) -> bool:
+    def basis_holds(self, source: str, disk: DiskEntry, basis: str, old: GroupState | None) -> bool:
         """Whether the copy a full sync compared against is still exactly there."""
         try:
             disk_id, fingerprint = parse_basis(basis)
         except ValueError:
             return False
+        fingerprint, _, point = fingerprint.rpartition("@")
+        if point != str(old.cycle_id if old else 0):
+            return False
         if disk_id is None:
             return self.fingerprint(source, disk.path) == fingerprint
-        base = old.get(disk_id)
+        base = old.by_id().get(disk_id) if old else None
         return base is not None and self.fingerprint(source, base.path) == fingerprint
 
     def check_cycle(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
@@ -236,11 +246,17 @@ class Store(ABC):
         that builds on a replica that is not what the source believes it is."""
         old_by_id = old.by_id() if old else {}
         resync: dict[bytes, str] = {}
+        claimed: set[str] = set()
         for disk in header.disks:
             if disk.disk_id in header.full_sync:
                 basis = header.full_sync[disk.disk_id]
-                if basis is not None and not self.basis_holds(source, disk, basis, old_by_id):
+                if basis is not None and not self.basis_holds(source, disk, basis, old):
                     resync[disk.disk_id] = f"{disk.path}: the copy it was compared with has changed"
+                elif basis is not None and basis in claimed:
+                    # One copy can start one disk; the other compares again.
+                    resync[disk.disk_id] = f"{disk.path}: its copy is the start of another disk of the cycle"
+                elif basis is not None:
+                    claimed.add(basis)
             elif disk.disk_id in old_by_id:
                 reason = self.replica_damage(source, old_by_id[disk.disk_id])
                 if reason:
@@ -279,7 +295,11 @@ class Store(ABC):
             limbo.mkdir(parents=True, exist_ok=True)
             self.move_out(source, header, old_by_id, limbo, adoptions(header, old_by_id))
             atomic_write(journal.path / Journal.LIMBO_FILLED, b"")
-        self.move_in(source, header, old_by_id, limbo)
+        if not (journal.path / Journal.MOVED_IN).exists():
+            self.move_in(source, header, old_by_id, limbo)
+            # A redo must not move or copy again: blocks written after this
+            # point would be copied along (a device store copies on rename).
+            atomic_write(journal.path / Journal.MOVED_IN, b"")
         fds: list[int | None] = []
         try:
             for disk in header.disks:

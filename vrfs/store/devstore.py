@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 
 from vrfs.cycle import BadPath, CycleHeader, DiskEntry, check_path
-from vrfs.store.base import Copy, Store, StoreError, write_all
+from vrfs.store.base import Copy, Refusal, Store, StoreError, adoptions, write_all
 from vrfs.wire import ProtocolError, check_name
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a range, offloaded to the device where it can be
@@ -107,16 +107,32 @@ class DevStore(Store):
                 raise StoreError(f"{dev} is not a block device")
             if disk.size > size:
                 raise StoreError(f"{source}/{disk.path} is {disk.size} bytes, larger than {dev} ({size} bytes)")
-        # A rename copies the old device to the new one during apply; a redo is
-        # only safe if nothing in the cycle writes the old device.
+        # A rename copies the old device to the new one during apply, before
+        # any block of the cycle is written, and a redo never copies again
+        # (the journal's moved-in marker). Copies among renames themselves
+        # would depend on their order (a chain) or overwrite each other (a
+        # swap): such a cycle is refused.
         old_by_id = old.by_id() if old else {}
+        destinations = {}
         for disk in header.disks:
             before = old_by_id.get(disk.disk_id)
             if before and before.path != disk.path:
-                src = self.map.get((source, before.path))
-                if src is not None and src in written:
-                    raise StoreError(f"rename of {before.path} to {disk.path}: {src} is written by the same cycle; "
-                                     "a device store cannot rename in a chain or swap")
+                src, dst = self.map.get((source, before.path)), self.device(source, disk.path)
+                if src is not None and src != dst:
+                    destinations[dst] = (before.path, disk.path, src)
+        for dst, (old_path, new_path, src) in destinations.items():
+            if src in destinations:
+                raise StoreError(f"rename of {old_path} to {new_path}: {src} is also the target of another "
+                                 "rename in the same cycle; a device store cannot rename in a chain or swap")
+        # A new disk starts from the device its full sync compared with; on a
+        # device store that is only possible where both are the same device.
+        resync = {}
+        for old_id, heir in adoptions(header, old_by_id).items():
+            base = self.map.get((source, old_by_id[old_id].path))
+            if base != self.device(source, heir.path):
+                resync[heir.disk_id] = f"{heir.path}: compared with the device of another path"
+        if resync:
+            raise Refusal("; ".join(resync.values()) + ": a full sync is needed", resync)
 
     # --- integrity -----------------------------------------------------------
 

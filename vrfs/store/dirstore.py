@@ -110,14 +110,16 @@ class DirStore(Store):
         new = {d.disk_id: d for d in header.disks}
         for disk_id, entry in old.items():
             target = new.get(disk_id)
-            if target is not None and target.path == entry.path:
-                continue
             p = self.replica(source, entry.path)
             heir = adopted.get(disk_id)
+            if heir is not None and target is not None and not self._is_file(limbo / heir.disk_id.hex()) \
+                    and self._is_file(p):
+                # The old disk lives on: the new one starts from a copy, made
+                # before anything of this cycle touches the old one.
+                copy_sparse(p, limbo / heir.disk_id.hex())
+            if target is not None and target.path == entry.path:
+                continue
             if self._is_file(p):  # else already moved or removed by an earlier try
-                if heir is not None and target is not None:
-                    # The old disk lives on elsewhere: the new one starts from a copy.
-                    copy_sparse(p, limbo / heir.disk_id.hex())
                 if target is None:
                     if heir is not None:
                         os.replace(p, limbo / heir.disk_id.hex())

@@ -26,7 +26,8 @@ APPLY_ERROR_ROOM = 4096
 class Journal:
     BLOCKS = "blocks"
     COMMIT = "commit.json"
-    LIMBO_FILLED = "limbo-filled"  # apply progress marker, see Store.apply
+    LIMBO_FILLED = "limbo-filled"  # apply progress markers, see Store.apply
+    MOVED_IN = "moved-in"
     SKIP = "skip.json"  # disks whose blocks apply leaves out (a poisoned journal, see receiver.py)
     APPLY_ERROR = "apply-error"  # why the last apply failed, for `vrfs status --store`
 
