@@ -28,6 +28,21 @@ def group_of(path: str) -> str:
     return path.split("/", 1)[0]
 
 
+def moved_path(path: str, old: str, new: str) -> str | None:
+    """Where ``path`` is after ``old`` (a file or directory) moved to ``new``; None if unaffected."""
+    if path == old:
+        return new
+    if path.startswith(old + "/"):
+        return new + path[len(old):]
+    return None
+
+
+def exchanged_path(path: str, a: str, b: str) -> str | None:
+    """Where ``path`` is after ``a`` and ``b`` swapped places (RENAME_EXCHANGE); None if unaffected."""
+    moved = moved_path(path, a, b)
+    return moved if moved is not None else moved_path(path, b, a)
+
+
 def check_path(path: str, group: str | None = None) -> str:
     """Validate a datastore-relative path received from a peer or a user.
 

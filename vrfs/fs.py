@@ -293,15 +293,15 @@ class Datastore(pyfuse3.Operations):
         else:
             os.rename(old, new, src_dir_fd=self._root, dst_dir_fd=self._root)
         if flags & RENAME_EXCHANGE:
-            swap = f"{new}\0swap"  # a placeholder no real path can equal
-            for table in (self._inodes, self._tracker):
-                if table is not None:
-                    table.renamed(new, swap)
-                    table.renamed(old, new)
-                    table.renamed(swap, old)
+            self._inodes.exchanged(old, new)
+            if self._tracker is not None:
+                self._tracker.exchanged(old, new)
             return
         if replaced is not None:
-            self._inodes.unlinked(self._inodes.fuse_ino(replaced.st_ino), new)
+            ino = self._inodes.fuse_ino(replaced.st_ino)
+            self._inodes.unlinked(ino, new)
+            if replaced.st_nlink > 1 and self._tracker is not None:  # a name of a hard-linked disk
+                self._tracker.name_removed(replaced.st_ino, new, self._inodes.other_path(ino, new))
             self._forget_disk_if_gone(replaced)
         self._inodes.renamed(old, new)
         if self._tracker is not None:

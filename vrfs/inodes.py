@@ -4,7 +4,11 @@ mknod, symlink, link and each readdirplus entry add one; forget subtracts)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyfuse3
+
+from vrfs.cycle import exchanged_path, moved_path
 
 
 class InodeTable:
@@ -61,12 +65,13 @@ class InodeTable:
             paths.discard(path)
 
     def renamed(self, old: str, new: str) -> None:
-        prefix = old + "/"
-        for paths in self._paths.values():
-            for p in list(paths):
-                if p == old:
-                    paths.discard(p)
-                    paths.add(new)
-                elif p.startswith(prefix):
-                    paths.discard(p)
-                    paths.add(new + p[len(old):])
+        self._move(lambda p: moved_path(p, old, new))
+
+    def exchanged(self, a: str, b: str) -> None:
+        self._move(lambda p: exchanged_path(p, a, b))
+
+    def _move(self, where: Callable[[str], str | None]) -> None:
+        for ino, paths in self._paths.items():
+            moved = {where(p) or p for p in paths}
+            if moved != paths:
+                self._paths[ino] = moved

@@ -26,7 +26,7 @@ import trio
 
 from vrfs import activitylog
 from vrfs.bitmap import Bitmap
-from vrfs.cycle import group_of
+from vrfs.cycle import exchanged_path, group_of, moved_path
 from vrfs.durable import write_atomically
 from vrfs.statefile import CorruptStateFile, DiskState, read_state
 
@@ -149,8 +149,16 @@ class Tracker:
         self._next_al_gen = (gens[-1] + 1) if gens else max(
             (s.al_generation + 1 for s in states.values() if isinstance(s, DiskState)), default=1)
 
+        names: dict[int, list[tuple[str, os.stat_result]]] = {}
         for path, st in self._walk():
-            self.disks[st.st_ino] = self._recover(path, st, states.pop(st.st_ino, None), hot)
+            names.setdefault(st.st_ino, []).append((path, st))
+        for ino, found in names.items():
+            saved = states.pop(ino, None)
+            # A disk with several names (hard links) replicates under one: the
+            # one its state file knows, if it still has it.
+            path, st = next(((p, s) for p, s in found if isinstance(saved, DiskState) and p == saved.path),
+                            min(found, key=lambda item: item[0]))
+            self.disks[ino] = self._recover(path, st, saved, hot)
         for ino in states:  # files deleted while vrfs was not mounted
             try:
                 os.unlink(state_name(ino), dir_fd=self._dir_fd)
@@ -332,6 +340,8 @@ class Tracker:
         disk = self.disks.get(ino)
         if disk is None or disk.path != path:
             return
+        if other is None:  # the kernel never looked it up: find it in the backing tree
+            other = next((p for p, st in self._walk() if st.st_ino == ino and p != path), None)
         if other is not None:
             self.renamed(path, other)
         else:
@@ -340,19 +350,34 @@ class Tracker:
 
     def renamed(self, old: str, new: str) -> None:
         """A file or directory moved; disks below it follow."""
-        prefix = old + "/"
-        for disk in self.disks.values():
-            if disk.path == old or disk.path.startswith(prefix):
-                old_group = disk.group
-                self.note_change(old_group)
-                disk.path = new + disk.path[len(old):]
-                disk.changed = True
-                self.note_change(disk.group)
-                if disk.group != old_group:
-                    # The DR site knows the disk only in its old group: to the
-                    # new group it is a new disk, whose content must be compared.
-                    disk.last_ack_cycle = 0
-                    disk.full_sync_scanned = False
+        self._move(lambda p: moved_path(p, old, new))
+
+    def exchanged(self, a: str, b: str) -> None:
+        """Two files or directories swapped names (RENAME_EXCHANGE), at once."""
+        self._move(lambda p: exchanged_path(p, a, b))
+
+    def _move(self, where) -> None:  # type: ignore[no-untyped-def]
+        moves = [(disk, where(disk.path)) for disk in self.disks.values()]
+        moves = [(disk, new) for disk, new in moves if new is not None]
+        moved = {disk for disk, _ in moves}
+        taken = {new for _, new in moves}
+        for ino, disk in list(self.disks.items()):
+            if disk not in moved and disk.path in taken:
+                # Replaced by the move (a caller that knew of another name of
+                # it has already moved it there): its replica goes.
+                log.info("%s: replaced by a rename", disk.path)
+                self.removed(ino)
+        for disk, new in moves:
+            old_group = disk.group
+            self.note_change(old_group)
+            disk.path = new
+            disk.changed = True
+            self.note_change(disk.group)
+            if disk.group != old_group:
+                # The DR site knows the disk only in its old group: to the
+                # new group it is a new disk, whose content must be compared.
+                disk.last_ack_cycle = 0
+                disk.full_sync_scanned = False
 
     @staticmethod
     def resize_range(old: int, new: int) -> tuple[int, int]:
