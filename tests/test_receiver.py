@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from vrfs.link import Link, LinkError
+from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.store import store_status
 
 from servehelpers import (
@@ -105,9 +106,12 @@ async def test_cycles_rename_delete_resize(server: Server, store: Path) -> None:
     await link.aclose()
     status = sorted(store_status(f"dir:{store}"), key=lambda d: d["path"])
     assert status == [
-        {"source": "hv1", "path": "notes.txt", "size": 10, "point": {"id": 1, "cut_time": 1_700_000_001.0}},
-        {"source": "hv1", "path": "vm1/c.raw", "size": BS + 7, "point": {"id": 4, "cut_time": 1_700_000_004.0}},
-        {"source": "hv1", "path": "vm1/sub/a.raw", "size": BS + 1, "point": {"id": 4, "cut_time": 1_700_000_004.0}},
+        {"source": "hv1", "path": "notes.txt", "size": 10, "point": {"id": 1, "cut_time": 1_700_000_001.0},
+         "state": "ok"},
+        {"source": "hv1", "path": "vm1/c.raw", "size": BS + 7, "point": {"id": 4, "cut_time": 1_700_000_004.0},
+         "state": "ok"},
+        {"source": "hv1", "path": "vm1/sub/a.raw", "size": BS + 1, "point": {"id": 4, "cut_time": 1_700_000_004.0},
+         "state": "ok"},
     ]
     assert not list((store / ".vrfs/journal").rglob("blocks"))
 
@@ -132,11 +136,12 @@ async def test_swap_and_stale_cycle(server: Server, store: Path) -> None:
     assert_replica(store, model)
     x, y = disk(1, "vm1/x", BS), disk(2, "vm1/y", BS)
     # A cycle that is not newer than the point is refused, and changes nothing.
-    with pytest.raises(LinkError, match="not newer"):
+    # It concerns that group alone: the connection goes on.
+    with pytest.raises(CycleRefused, match="not newer") as refused:
         await link.send_cycle(header("vm1", 8, x, y), aiter_blocks([(0, 0, b"Q" * BS)]))
+    assert refused.value.point == 8 and not refused.value.resync
     assert_replica(store, model)
-    with pytest.raises(LinkError, match="unusable"):
-        await link.fetch_hashes("vm1", x)
+    assert (await link.fetch_hashes("vm1", disk(1, "vm1/y", BS))).digests == [xxhash.xxh3_128_digest(b"X" * BS)]
 
 
 async def test_fetch_hashes_on_seeded_copy(server: Server, store: Path) -> None:
@@ -155,19 +160,22 @@ async def test_fetch_hashes_on_seeded_copy(server: Server, store: Path) -> None:
         f.write(seed[6 * BS:])
     d = disk(4, "vm1/seeded.raw", size)
     link = await connect(server)
-    hashes = await link.fetch_hashes("vm1", d)
+    seeded = await link.fetch_hashes("vm1", d)
+    hashes = seeded.digests
     expect = [None if not any(seed[i:i + BS]) else xxhash.xxh3_128_digest(bytes(seed[i:i + BS]))
               for i in range(0, size, BS)]
     assert hashes == expect
     assert await link.fetch_hashes("vm1", disk(5, "vm1/absent.raw", BS)) is None
 
-    # The source sends only the differing blocks; the seed becomes the replica.
+    # The source sends only the differing blocks, naming the copy it compared
+    # with; the seed becomes the replica.
     model = Model()
     model.files["vm1/seeded.raw"] = bytearray(seed)
-    await send(link, model, header("vm1", 1, d), [(0, 4, rand(BS, 12))])
+    await send(link, model, dataclasses.replace(header("vm1", 1, d), full_sync={d.disk_id: seeded.basis}),
+               [(0, 4, rand(BS, 12))])
     assert_replica(store, model)
     # Renamed later: found by disk_id, not by path.
-    assert await link.fetch_hashes("vm1", disk(4, "vm1/other-name.raw", size)) == [
+    assert (await link.fetch_hashes("vm1", disk(4, "vm1/other-name.raw", size))).digests == [
         None if not any(model.block("vm1/seeded.raw", i, BS)) else
         xxhash.xxh3_128_digest(model.block("vm1/seeded.raw", i, BS)) for i in range(7)]
     await link.aclose()

@@ -14,151 +14,23 @@ import json
 import os
 import random
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
-import zstandard
 
 from mounthelpers import vrfs
-from servehelpers import Server, free_port, losetup, losetup_detach
+from servehelpers import losetup, losetup_detach
+from sitehelpers import (  # noqa: F401  (re-exported for other test modules)
+    BS, MiB, NAME, RPO, Site, compressed_nonzero, fsync_path, random_writes, realistic, run, sha, tree,
+)
 
 pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE"),
 ]
-
-MiB = 1 << 20
-BS = 64 << 10
-NAME = "hv1"
-RPO = "2s"
-
-
-def run(*cmd: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60, **kw)
-
-
-def sha(path: Path, size: int | None = None) -> str:
-    h = hashlib.sha256()
-    left = size
-    with open(path, "rb") as f:
-        while left is None or left > 0:
-            chunk = f.read(4 * MiB if left is None else min(4 * MiB, left))
-            if not chunk:
-                break
-            h.update(chunk)
-            if left is not None:
-                left -= len(chunk)
-    return h.hexdigest()
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Regular files under root (the state directory excluded) with their content hash."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if rel.parts[0] == ".vrfs" or not p.is_file():
-            continue
-        out[str(rel)] = f"{p.stat().st_size}:{sha(p)}"
-    return out
-
-
-def realistic(size: int, rng: random.Random) -> bytearray:
-    """VM-like content: runs of 64 KiB–4 MiB of zeros, text and random bytes, a third each."""
-    words = [rng.randbytes(rng.randrange(2, 10)).hex().encode() for _ in range(2000)]
-    corpus = b" ".join(rng.choice(words) + (b"\n" if rng.random() < 0.1 else b"") for _ in range(400_000))
-    out = bytearray(size)
-    pos = 0
-    while pos < size:
-        n = min(rng.randrange(1, 65) * BS, size - pos)
-        kind = rng.randrange(3)
-        if kind == 1:
-            out[pos:pos + n] = os.urandom(n)
-        elif kind == 2:
-            start = rng.randrange(len(corpus) - 1)
-            text = corpus[start:] + corpus
-            while len(text) < n:
-                text += corpus
-            out[pos:pos + n] = text[:n]
-        pos += n
-    return out
-
-
-def compressed_nonzero(data: bytes | bytearray) -> int:
-    """What a full sync of data should cost: its non-zero 64 KiB blocks, zstd level 1 in 2 MiB batches."""
-    cctx = zstandard.ZstdCompressor(level=1)
-    total, batch = 0, bytearray()
-    view = memoryview(data)
-    for off in range(0, len(data), BS):
-        block = view[off:off + BS]
-        if block.tobytes().count(0) != len(block):
-            batch += block
-        if len(batch) >= 2 * MiB:
-            total += len(cctx.compress(bytes(batch)))
-            batch.clear()
-    if batch:
-        total += len(cctx.compress(bytes(batch)))
-    return total
-
-
-class Site:
-    """A source datastore mounted with --peer, and its receiver."""
-
-    def __init__(self, tmp_path: Path, mount_factory, stack: ExitStack, store_url: str | None = None):
-        self.tmp = tmp_path
-        self.src = tmp_path / "src"
-        self.mnt = tmp_path / "mnt"
-        self.store = tmp_path / "store"
-        self.src.mkdir()
-        self.mnt.mkdir()
-        self.store_url = store_url or f"dir:{self.store}"
-        self.server = Server(self.store_url, tmp_path / "serve.log", port=free_port())
-        stack.callback(self.server.stop)
-        self._factory = mount_factory
-        self.mount = None
-
-    def serve(self) -> "Site":
-        self.server.start()
-        return self
-
-    def start_mount(self) -> "Site":
-        self.mount = self._factory(self.src, self.mnt, "--peer", f"127.0.0.1:{self.server.port}",
-                                   "--name", NAME, "--rpo", RPO)
-        return self
-
-    def replica(self, path: str) -> Path:
-        return self.store / NAME / path
-
-    def status(self) -> dict[str, dict]:
-        return {d["path"]: d for d in self.mount.status()}
-
-    def wait(self, what: str, cond: Callable[[dict[str, dict]], bool], timeout: float = 40) -> dict[str, dict]:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.status()
-            if cond(st):
-                return st
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not {what} after {timeout}s: {json.dumps(st, indent=1)}\n"
-                                     f"mount log:\n{self.mount.log()[-3000:]}\nserve log:\n"
-                                     f"{self.server.log()[-2000:]}")
-            time.sleep(0.1)
-
-    def wait_in_sync(self, *paths: str, after: dict[str, int] | None = None, timeout: float = 40) -> dict[str, dict]:
-        """Until every named disk is in sync (at a point newer than `after[path]`, if given)."""
-        def ok(st: dict[str, dict]) -> bool:
-            for p in paths:
-                d = st.get(p)
-                if d is None or d["state"] != "in-sync" or d["dirty_blocks"] or not d["last_point"]:
-                    return False
-                if after and d["last_point"]["id"] <= after.get(p, 0):
-                    return False
-            return True
-        return self.wait(f"in sync: {paths}", ok, timeout)
-
 
 @pytest.fixture
 def stack() -> Iterator[ExitStack]:
@@ -169,26 +41,6 @@ def stack() -> Iterator[ExitStack]:
 @pytest.fixture
 def site(tmp_path, mount_factory, stack) -> Site:
     return Site(tmp_path, mount_factory, stack).serve().start_mount()
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def random_writes(path: Path, size: int, count: int, rng: random.Random) -> None:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        for _ in range(count):
-            n = rng.randrange(1, 70_000)
-            os.pwrite(fd, os.urandom(n), rng.randrange(0, size - n))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------- convergence

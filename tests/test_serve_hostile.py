@@ -78,7 +78,6 @@ CASES = [
      "manifest hash does not match"),
     ("wrong count", HELLO + begin() + good_batch() + control(MsgType.CYCLE_END, {"blocks": 5, "manifest": "00"}),
      "manifest declares 5"),
-    ("stale cycle", HELLO + begin(cycle_id=1), "not newer"),
     ("batch outside cycle", HELLO + good_batch(), "unexpected BATCH"),
     ("not json", HELLO + frame(MsgType.HASHES_REQ, b"\xff{"), "not JSON"),
     ("hashes outside group", HELLO + control(MsgType.HASHES_REQ, {"group": "vm1", "disk": dict(
@@ -126,6 +125,15 @@ async def test_hostile_peers(tmp_path: Path) -> None:
             assert tree_digest(store) == before, name
             assert server.proc is not None and server.proc.poll() is None, name
 
+        # A stale cycle is refused for its group alone: the rest of it is read
+        # and dropped, the answer says why, and the connection stays open.
+        log_at = len(server.log())
+        answer = attack(server.port, HELLO + begin(cycle_id=1) + good_batch()
+                        + control(MsgType.CYCLE_END, {"blocks": 1, "manifest": "00"}))
+        assert b"not newer" in answer and bytes([MsgType.CYCLE_REFUSED]) in answer, answer[-300:]
+        assert "not newer" in server.log()[log_at:] and "closing connection" not in server.log()[log_at:]
+        assert tree_digest(store) == before
+
         # A connection that says nothing and one that stalls mid-frame do not block others.
         idle = socket.create_connection(("127.0.0.1", server.port))
         stalled = socket.create_connection(("127.0.0.1", server.port))
@@ -133,7 +141,7 @@ async def test_hostile_peers(tmp_path: Path) -> None:
         try:
             link = await connect(server)
             await link.send_cycle(header("vm1", 2, DISK), aiter_blocks([(0, 2, b"H" * BS), (0, 1, None)]))
-            assert await link.fetch_hashes("vm1", DISK) == [None, None, __import__("xxhash").xxh3_128_digest(b"H" * BS),
+            assert (await link.fetch_hashes("vm1", DISK)).digests == [None, None, __import__("xxhash").xxh3_128_digest(b"H" * BS),
                                                             None]
             await link.aclose()
         finally:

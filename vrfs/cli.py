@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zstd level for shipped blocks, 1-19 (default: 1)")
     m.add_argument("--congestion", choices=("cubic", "bbr", "reno"), default="cubic",
                    help="TCP congestion control of the link (default: cubic; bbr suits long fat links)")
+    m.add_argument("--force", action="store_true",
+                   help="mount even though other processes hold files of SOURCE open for writing "
+                        "(a VM started before the mount); their writes will not be tracked and "
+                        "the replicas of those files can differ from the source without a sign")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     m.add_argument("--no-tracking", action="store_true",

@@ -9,7 +9,7 @@ is how creations, deletions, renames and size changes travel inside cycles.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1 << 20
@@ -74,3 +74,8 @@ class CycleHeader:
     cycle_id: int  # increasing per (source, group); a point is a committed cycle
     cut_time: float  # unix time of the cut
     disks: tuple[DiskEntry, ...]
+    # Disks whose full sync this cycle completes, by disk_id: the *basis* the
+    # source compared against (the token the receiver gave with its hashes),
+    # or None when the receiver had no copy. The receiver starts such a disk
+    # from exactly that basis, or refuses the cycle if the basis is gone.
+    full_sync: dict[bytes, str | None] = field(default_factory=dict)

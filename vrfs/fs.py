@@ -34,6 +34,9 @@ RESERVED_XATTR_PREFIX = "user.vrfs."
 # than the hop to a thread.
 THREAD_IO_MIN = 128 << 10
 ATTR_TIMEOUT = 1.0
+# How a backing file system refuses RWF_NOWAIT for good (tmpfs: EOPNOTSUPP):
+# its files are read without trying it again. EAGAIN only means "not cached".
+NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL})
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -100,6 +103,7 @@ class Datastore(pyfuse3.Operations):
         self._inodes = InodeTable(os.stat(root_fd).st_ino)
         self._files: dict[int, int] = {}  # fh (= backing fd) -> FUSE inode
         self._open_fds: dict[int, set[int]] = defaultdict(set)  # FUSE inode -> fds
+        self._no_nowait_reads: set[int] = set()  # fhs whose file system refuses RWF_NOWAIT
         self._dirs: dict[int, _Dir] = {}
         self._next_dir = 1
         self._control_path = control_path
@@ -410,18 +414,39 @@ class Datastore(pyfuse3.Operations):
             self._tracker.created(st.st_ino, path, st.st_size)
         return self._file_info(fd, attr.st_ino, flags), attr
 
+    def _read_cached(self, fh: int, off: int, size: int) -> bytes:
+        """What the page cache holds from ``off`` on, up to ``size`` bytes,
+        without waiting for the disk: possibly nothing, possibly a prefix."""
+        buf = bytearray(size)
+        try:
+            n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
+        except OSError as exc:
+            if exc.errno in NOWAIT_UNSUPPORTED:
+                self._no_nowait_reads.add(fh)
+            elif exc.errno != errno.EAGAIN:
+                raise
+            return b""
+        del buf[n:]
+        return bytes(buf)
+
     @_errno_boundary
     async def read(self, fh, off, size):
-        if size < THREAD_IO_MIN:
-            # Served inline only if the page cache has it: a read that would
-            # wait for the disk goes to a thread, so the loop keeps dispatching.
-            buf = bytearray(size)
-            try:
-                n = os.preadv(fh, [buf], off, os.RWF_NOWAIT)
-                return bytes(buf) if n == size else bytes(buf[:n])
-            except BlockingIOError:
-                pass
-        return await trio.to_thread.run_sync(os.pread, fh, size, off, limiter=self._limiter)
+        head = b""
+        if size < THREAD_IO_MIN and fh not in self._no_nowait_reads:
+            # Served inline only if the page cache has it all: a read that
+            # would wait for the disk goes to a thread, so the loop keeps
+            # dispatching.
+            head = self._read_cached(fh, off, size)
+            if len(head) == size or (head and off + len(head) >= os.fstat(fh).st_size):
+                return head
+        # A short RWF_NOWAIT read stops at the first page not cached, not only
+        # at the end of the file; returned as it is, the kernel would take it
+        # for the end of the file (zeros in its page cache, a short read for
+        # O_DIRECT). So it is returned only at the end of the file, and the
+        # rest is read here otherwise.
+        rest = await trio.to_thread.run_sync(os.pread, fh, size - len(head), off + len(head),
+                                             limiter=self._limiter)
+        return head + rest
 
     @_errno_boundary
     async def write(self, fh, off, buf):
@@ -462,6 +487,7 @@ class Datastore(pyfuse3.Operations):
         await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fh, limiter=self._limiter)
 
     async def release(self, fh):
+        self._no_nowait_reads.discard(fh)
         inode = self._files.pop(fh, None)
         if inode is not None:
             fds = self._open_fds[inode]

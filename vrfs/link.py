@@ -23,11 +23,13 @@ from vrfs.wire import (
     FrameStream,
     MsgType,
     ProtocolError,
+    basis_field,
     block_length,
     check_name,
     decode_control,
     decode_error,
     decode_hashes,
+    disk_ids,
     disk_to_json,
     encode_batch,
     field,
@@ -44,6 +46,30 @@ REPLY_TIMEOUT = 600.0  # the receiver applies a whole cycle before it answers
 
 class LinkError(Exception):
     """The link failed; it must be reconnected."""
+
+
+class CycleRefused(Exception):
+    """The receiver refused one cycle of one group; the link stays usable.
+
+    ``resync`` names the disks whose replica the receiver cannot build on
+    (missing, damaged, or not the copy the source compared against): they
+    need a full sync. ``point`` is the group's committed point there."""
+
+    def __init__(self, message: str, resync: set[bytes], point: int | None) -> None:
+        super().__init__(message)
+        self.resync = resync
+        self.point = point
+
+
+@dataclass(frozen=True)
+class Hashes:
+    """The receiver's view of one disk for a comparison: per-block digests of
+    [first, first + len(digests)) (None for zero blocks and holes), the copy's
+    size, and the basis token that names exactly which copy was hashed."""
+
+    digests: list[bytes | None]
+    size: int
+    basis: str
 
 
 def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
@@ -89,10 +115,12 @@ class _Pending:
 
 
 class Link:
-    def __init__(self, frames: FrameStream, store_id: str, points: dict[str, int], zstd_level: int):
+    def __init__(self, frames: FrameStream, store_id: str, points: dict[str, int], zstd_level: int,
+                 resync: dict[str, set[bytes]] | None = None):
         self._frames = frames
         self.store_id = store_id
         self.points = points
+        self.resync = resync or {}  # group -> disks whose replica the receiver found missing or damaged
         self.zstd_level = zstd_level
         self._lock = trio.Lock()
         self._broken: str | None = None
@@ -120,11 +148,15 @@ class Link:
                     if isinstance(value, bool) or not isinstance(value, int):
                         raise ProtocolError("bad point in WELCOME")
                     points[check_name(group, "group")] = value
+                raw_resync = welcome.get("resync", {})
+                if not isinstance(raw_resync, dict):
+                    raise ProtocolError("bad resync in WELCOME")
+                resync = {check_name(g, "group"): disk_ids(ids) for g, ids in raw_resync.items()}
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
             if stream is not None:
                 await stream.aclose()
             raise LinkError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
-        return cls(frames, store_id, points, zstd_level)
+        return cls(frames, store_id, points, zstd_level, resync)
 
     @property
     def bytes_sent(self) -> int:
@@ -144,14 +176,37 @@ class Link:
             await self._frames.stream.aclose()
         return LinkError(self._broken)
 
-    async def fetch_hashes(self, group: str, disk: DiskEntry) -> list[bytes | None] | None:
-        """Per-block xxh3-128 digests of the receiver's copy of ``disk`` (None for
-        zero blocks and holes), or None if the receiver has no copy."""
+    async def check_alive(self, wait: float = 0.05) -> None:
+        """Between calls the receiver says nothing; if it closed the connection
+        (a restart, a crash) find out now, not at the next cycle, so that the
+        handshake of a new connection reports what changed there."""
+        async with self._lock:
+            self._usable()
+            try:
+                with trio.move_on_after(wait):
+                    frame = await self._frames.receive()
+                    if frame is None:
+                        raise await self._fail(EOFError("connection closed by the receiver"), "idle")
+                    if frame.type == MsgType.ERROR:
+                        raise ProtocolError(f"receiver: {decode_error(frame.payload)}")
+                    raise ProtocolError(f"unexpected {frame.type.name} between requests")
+            except (OSError, trio.BrokenResourceError, ProtocolError) as exc:
+                raise await self._fail(exc, "idle") from exc
+
+    async def fetch_hashes(self, group: str, disk: DiskEntry, first: int = 0,
+                           count: int | None = None) -> Hashes | None:
+        """The receiver's digests of its copy of ``disk``, blocks [first,
+        first + count) (all from ``first`` when count is None; fewer where the
+        copy ends), or None if the receiver has no copy."""
+        request: dict = {"group": group, "disk": disk_to_json(disk)}
+        if first or count is not None:
+            request["first"] = first
+            request["count"] = disk.block_count - first if count is None else count
         async with self._lock:
             self._usable()
             try:
                 with trio.fail_after(REPLY_TIMEOUT):
-                    await self._frames.send_control(MsgType.HASHES_REQ, {"group": group, "disk": disk_to_json(disk)})
+                    await self._frames.send_control(MsgType.HASHES_REQ, request)
                     digests: list[bytes | None] = []
                     while True:
                         frame = await self._frames.receive_expect(MsgType.HASHES, MsgType.HASHES_END, MsgType.ERROR)
@@ -163,8 +218,10 @@ class Link:
                                 return None
                             if int_field(end, "blocks", 0, 1 << 40) != len(digests):
                                 raise ProtocolError("hash count does not match HASHES_END")
-                            return digests
-                        digests.extend(decode_hashes(frame.payload, len(digests)))
+                            basis = basis_field(field(end, "basis", str))
+                            assert basis is not None
+                            return Hashes(digests, int_field(end, "size", 0, 1 << 62), basis)
+                        digests.extend(decode_hashes(frame.payload, first + len(digests)))
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
                 raise await self._fail(exc, "fetching hashes") from exc
             except BaseException as exc:  # cancelled mid-exchange: the stream is out of step
@@ -178,6 +235,8 @@ class Link:
             self._usable()
             try:
                 return await self._send_cycle(header, blocks)
+            except CycleRefused:
+                raise
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
                 reason = await self._receiver_reason()
                 if reason:
@@ -211,10 +270,19 @@ class Link:
             raise _first_leaf(group) from None
         await frames.send_control(MsgType.CYCLE_END, {"blocks": count, "manifest": manifest})
         with trio.fail_after(REPLY_TIMEOUT):
-            frame = await frames.receive_expect(MsgType.COMMITTED, MsgType.ERROR)
+            frame = await frames.receive_expect(MsgType.COMMITTED, MsgType.CYCLE_REFUSED, MsgType.ERROR)
         if frame.type == MsgType.ERROR:
             raise ProtocolError(f"receiver: {decode_error(frame.payload)}")
         reply = decode_control(frame.payload)
+        if frame.type == MsgType.CYCLE_REFUSED:
+            if reply.get("group") != header.group or reply.get("cycle_id") != header.cycle_id:
+                raise ProtocolError("CYCLE_REFUSED does not match the cycle sent")
+            point = reply.get("point")
+            if isinstance(point, bool) or not isinstance(point, int) or point < 0:
+                point = None
+            else:
+                self.points[header.group] = point
+            raise CycleRefused(str(reply.get("message", "refused"))[:1000], disk_ids(reply.get("resync")), point)
         if reply.get("group") != header.group or reply.get("cycle_id") != header.cycle_id:
             raise ProtocolError("COMMITTED does not match the cycle sent")
         self.points[header.group] = header.cycle_id

@@ -27,6 +27,7 @@ from vrfs import control, daemon
 from vrfs.durable import write_atomically
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.fs import CONTROL_XATTR, PID_XATTR, STATE_DIR, Datastore
+from vrfs.openwriters import describe, find_open_writers
 from vrfs.parse import parse_address, parse_block_size, parse_duration
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 
@@ -55,6 +56,7 @@ class MountConfig:
     congestion: str
     checkpoint_interval: float
     debug: bool
+    untracked_writers: str  # --force: files other processes write behind vrfs's back
 
 
 def _open_source(source: str) -> int:
@@ -90,6 +92,23 @@ def _is_fuse_mount(path: str) -> bool:
             if len(fields) > 2 and fields[1] == path and fields[2].startswith("fuse"):
                 return True
     return False
+
+
+def _check_open_writers(source: str, force: bool) -> str:
+    """Files under SOURCE that other processes hold open for writing keep
+    being written through those descriptors, never through the mount: such
+    writes are not tracked and the replica diverges without a sign. Refused
+    unless forced; forced, the description of the writers is returned for
+    the log."""
+    writers = find_open_writers(source, exclude=[STATE_DIR], ignore_pids=[os.getpid()])
+    if not writers:
+        return ""
+    listed = describe(writers)
+    if not force:
+        raise UserError(f"{source} has files open for writing by other processes: {listed}; "
+                        "stop them first, or pass --force (their writes will not be tracked "
+                        "and the replicas of these files can differ from the source)")
+    return listed
 
 
 def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[int, int, int, int, int]:
@@ -154,6 +173,9 @@ def mount_main(args) -> int:
     if mountpoint != source:
         _check_mountpoint(mountpoint)
     vrfs_fd, lock_fd, state_fd, block_size, extent_size = _open_state(root_fd, source, args.block_size)
+    # After the lock: a datastore already served elsewhere is reported as
+    # such, not as its own daemon's open files.
+    untracked_writers = _check_open_writers(source, args.force)
 
     config = MountConfig(
         source=source, mountpoint=mountpoint, root_fd=root_fd, vrfs_fd=vrfs_fd, state_fd=state_fd,
@@ -161,6 +183,7 @@ def mount_main(args) -> int:
         tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
         name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
+        untracked_writers=untracked_writers,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
     if args.foreground:
@@ -201,6 +224,10 @@ def _run(config: MountConfig, ready) -> int:
     log.info("mounted %s at %s (block size %dK, tracking %s, writeback cache %s)",
              config.source, config.mountpoint, config.block_size // 1024,
              "on" if tracker else "off", "on" if config.writeback_cache else "off")
+    if config.untracked_writers:
+        log.warning("--force: files open for writing by other processes since before the mount: "
+                    "%s; their writes will not be tracked and the replicas of these files can "
+                    "differ from the source", config.untracked_writers)
     try:
         shipper = None
         if tracker is not None and config.peer is not None:

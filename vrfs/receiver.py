@@ -21,8 +21,9 @@ import xxhash
 
 from vrfs import __version__
 from vrfs.cycle import CycleHeader
+from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
-from vrfs.store.base import GroupState, hash_blocks
+from vrfs.store.base import ApplyFailed, Refusal, hash_blocks
 from vrfs.store.journal import Journal
 from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
@@ -74,6 +75,7 @@ class Receiver:
             except (OSError, StoreError) as exc:
                 log.error("recovery of %s/%s failed, retried with its next cycle: %s",
                           source, journal.path.name, exc)
+                await self._run(journal.record_apply_error, f"redo after a restart failed: {exc}")
                 continue
             if state is None:
                 log.info("discarded uncommitted staging of %s/%s", source, journal.path.name)
@@ -110,9 +112,10 @@ class Receiver:
         if scope.cancelled_caught:
             raise ProtocolError(f"no HELLO within {HANDSHAKE_TIMEOUT:g} s")
         source = check_name(field(hello, "source", str), "source name")
-        points = await self._run(self.store.points, source)
+        points, resync = await self._run(self._inventory, source)
         await frames.send_control(MsgType.WELCOME, {
-            "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}"})
+            "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}",
+            "resync": resync})
         log.info("%s: source %r connected", peer, source)
         while True:
             frame = await frames.receive()
@@ -127,44 +130,83 @@ class Receiver:
             else:
                 raise ProtocolError(f"unexpected {frame.type.name} between cycles")
 
+    def _inventory(self, source: str) -> tuple[dict[str, int], dict[str, list[str]]]:
+        """The source's points, and per group the disks whose replica is missing
+        or has the wrong size (the source compares them again)."""
+        points: dict[str, int] = {}
+        resync: dict[str, list[str]] = {}
+        for src, group, state in self.store.groups():
+            if src != source:
+                continue
+            points[group] = state.cycle_id
+            if self.store.journal_committed(source, group):
+                continue  # being brought to its next point; checked when that is done
+            damaged = self.store.damaged(source, state)
+            if damaged:
+                log.warning("%s/%s: %s; asking for a full sync", source, group, "; ".join(damaged.values()))
+                resync[group] = [d.hex() for d in damaged]
+        return points, resync
+
     async def _serve_hashes(self, frames: FrameStream, source: str, request: dict[str, Any]) -> None:
         group = check_name(field(request, "group", str), "group")
         disk = disk_from_json(request.get("disk"), group)
+        start = int_field(request, "first", 0, 1 << 50) if "first" in request else 0
+        wanted = int_field(request, "count", 0, 1 << 50) if "count" in request else None
         copy = await self._run(self.store.open_copy, source, group, disk)
         if copy is None:
             await frames.send_control(MsgType.HASHES_END, {"present": False})
             return
         try:
-            count = math.ceil(copy.size / disk.block_size)
-            for first in range(0, count, MAX_HASHES_PER_FRAME):
-                n = min(MAX_HASHES_PER_FRAME, count - first)
+            end = math.ceil(copy.size / disk.block_size)
+            if wanted is not None:
+                end = min(end, start + wanted)
+            count = max(0, end - start)
+            for first in range(start, start + count, MAX_HASHES_PER_FRAME):
+                n = min(MAX_HASHES_PER_FRAME, start + count - first)
                 payload = await self._run(lambda: encode_hashes(first, hash_blocks(copy, disk.block_size, first, n)))
                 await frames.send(MsgType.HASHES, payload)
         finally:
             os.close(copy.fd)
-        await frames.send_control(MsgType.HASHES_END, {"present": True, "blocks": count})
+        await frames.send_control(MsgType.HASHES_END, {"present": True, "blocks": count, "size": copy.size,
+                                                      "basis": copy.basis})
 
     async def _receive_cycle(self, frames: FrameStream, peer: str, source: str, header: CycleHeader) -> None:
+        """Stage, commit and apply one cycle, or refuse it. A refusal concerns
+        this group alone: the rest of the cycle is read and dropped, the source
+        hears CYCLE_REFUSED, and the connection goes on with other groups."""
         key = (source, header.group)
         if key in self._busy:
-            raise ProtocolError(f"group {header.group!r} of {source!r} is already receiving a cycle "
-                                "on another connection")
+            await self._refuse(frames, peer, source, header, Refusal(
+                f"group {header.group!r} of {source!r} is already receiving a cycle on another connection"),
+                drain=True)
+            return
         self._busy.add(key)
         try:
-            # A committed journal left by a failed apply goes in before anything newer.
-            await self._run(self.store.settle, source, Journal(self.store.journal_path(source, header.group)))
-            old = await self._run(self.store.load_group, source, header.group)
-            if old is not None and header.cycle_id <= old.cycle_id:
-                raise ProtocolError(f"cycle {header.cycle_id} of {header.group!r} is not newer than "
-                                    f"the committed point {old.cycle_id}")
-            await self._run(self.store.check_cycle, source, header, old)
+            try:
+                await self._run(self._prepare, source, header)
+            except (Refusal, OSError, StoreError) as exc:
+                await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
+                return
             journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
             committed = False
             try:
-                await self._stage(frames, header, journal)
+                try:
+                    await self._stage(frames, header, journal)
+                except OSError as exc:  # the store's own trouble (ENOSPC, EIO), not the peer's
+                    await self._run(journal.discard)
+                    await self._refuse(frames, peer, source, header,
+                                       Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
+                                       drain=True)
+                    return
                 committed = True
                 _crash_point("committed")
-                state = await self._run(self.store.apply, source, journal)
+                try:
+                    state = await self._run(self.store.apply, source, journal)
+                except (OSError, StoreError) as exc:
+                    message = f"cycle {header.cycle_id} is committed but cannot be applied: {exc}"
+                    await self._run(journal.record_apply_error, message)
+                    await self._refuse(frames, peer, source, header, Refusal(message), drain=False)
+                    return
             finally:
                 if not committed:
                     with trio.CancelScope(shield=True):
@@ -174,7 +216,55 @@ class Receiver:
         await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
         log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
 
-    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> GroupState | None:
+    def _prepare(self, source: str, header: CycleHeader) -> None:
+        """Before anything is staged: finish the group's committed journal, and
+        check that the cycle is newer than its point and fits the store."""
+        self._settle_before(source, header)
+        old = self.store.load_group(source, header.group)
+        if old is not None and header.cycle_id <= old.cycle_id:
+            raise Refusal(f"cycle {header.cycle_id} of {header.group!r} is not newer than the committed "
+                          f"point {old.cycle_id}")
+        self.store.check_cycle(source, header, old)
+
+    def _settle_before(self, source: str, header: CycleHeader) -> None:
+        """A committed journal left by a failed apply goes in before anything newer.
+
+        If it fails again on a disk that the new cycle deletes or compares
+        afresh (a full sync), that disk's blocks are dropped from it: the new
+        cycle decides that disk's content whatever the journal held, and the
+        group is not wedged by a disk the store can never hold (EFBIG)."""
+        journal = Journal(self.store.journal_path(source, header.group))
+        if not journal.committed:
+            journal.discard()  # staging of a cycle that never committed
+            return
+        replaced = {d.disk_id for d in header.disks if d.disk_id not in header.full_sync}
+        for _ in range(MAX_DISKS_PER_GROUP + 1):
+            try:
+                self.store.apply(source, journal)
+                return
+            except ApplyFailed as exc:
+                if exc.disk_id in replaced:
+                    journal.record_apply_error(str(exc))
+                    raise Refusal(f"an earlier committed cycle cannot be applied: {exc}") from None
+                how = "compares it afresh" if exc.disk_id in header.full_sync else "deletes it"
+                log.warning("%s/%s: %s; the new cycle %s, so its blocks are dropped from the earlier cycle",
+                            source, header.group, exc, how)
+                journal.skip(exc.disk_id)
+            except (OSError, StoreError) as exc:
+                journal.record_apply_error(str(exc))
+                raise Refusal(f"an earlier committed cycle cannot be applied: {exc}") from None
+
+    async def _refuse(self, frames: FrameStream, peer: str, source: str, header: CycleHeader,
+                      refusal: Refusal, *, drain: bool) -> None:
+        log.warning("%s: refused cycle %d of %s/%s: %s", peer, header.cycle_id, source, header.group, refusal)
+        if drain:
+            await _drain_cycle(frames)
+        state = await self._run(self.store.load_group, source, header.group)
+        await frames.send_control(MsgType.CYCLE_REFUSED, {
+            "group": header.group, "cycle_id": header.cycle_id, "message": str(refusal)[:1000],
+            "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0})
+
+    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> None:
         """Receive the cycle's batches into the journal and commit it once the manifest checks out."""
         # A hostile peer must not fill the store: no cycle holds more blocks than its disks have.
         limit = sum(d.block_count for d in header.disks)
@@ -198,7 +288,20 @@ class Receiver:
         if field(end, "manifest", str) != manifest.hexdigest():
             raise ProtocolError("manifest hash does not match the blocks received")
         await self._run(journal.commit, header, count, manifest.hexdigest())
-        return None
+
+
+async def _drain_cycle(frames: FrameStream) -> None:
+    """Read and drop the rest of a refused cycle, up to its CYCLE_END."""
+    while (await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)).type != MsgType.CYCLE_END:
+        pass
+
+
+def _as_refusal(exc: Exception) -> Refusal:
+    if isinstance(exc, Refusal):
+        return exc
+    if isinstance(exc, OSError):
+        return Refusal(f"receiver I/O error: {exc.strerror or exc}")
+    return Refusal(str(exc))
 
 
 async def _send_error(frames: FrameStream, message: str) -> None:

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import trio
 
 from vrfs.cycle import CycleHeader, DiskEntry
-from vrfs.link import Link, LinkError
+from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
@@ -27,6 +27,7 @@ DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that the link is still up
 
 
 class Shipper:
@@ -47,6 +48,9 @@ class Shipper:
         self.points: dict[str, dict] = {}  # group -> {"id", "cut_time"} of its newest acknowledged point
         self.bytes_sent: dict[bytes, int] = {}  # disk_id -> wire bytes
         self.bytes_shipped: dict[bytes, int] = {}  # disk_id -> block bytes before compression
+        # Groups whose last cycle the receiver refused: (monotonic time of the
+        # next try, current backoff, reason). Only that group waits.
+        self.refused: dict[str, tuple[float, float, str]] = {}
         self.store_id = self._load_peer()
 
     # ------------------------------------------------------------ the loop
@@ -94,28 +98,47 @@ class Shipper:
         for group, point in link.points.items():
             if group not in self.points or self.points[group]["id"] != point:
                 self.points[group] = {"id": point, "cut_time": None}
+        for group, ids in link.resync.items():
+            self._resync(group, ids, "the DR site's replica is missing or damaged")
         for disk in self.tracker.disks.values():
             if disk.last_ack_cycle > link.points.get(disk.group, 0):
                 log.warning("%s: the receiver lost points (has %d, had acknowledged %d): full sync",
                             disk.path, link.points.get(disk.group, 0), disk.last_ack_cycle)
                 disk.last_ack_cycle = 0
                 disk.full_sync_scanned = False
+        idle_since = time.monotonic()
         while True:
-            for name in self._due_groups():
+            due = self._due_groups()
+            for name in due:
                 try:
                     await self._ship_group(link, name)
                 except OSError as exc:  # this group's files; the others still ship
                     log.warning("%s: cannot ship now: %s", name, exc)
+            if due:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= IDLE_CHECK:
+                await link.check_alive()
+                idle_since = time.monotonic()
             await trio.sleep(0.1)
 
     def _needs_scan(self, disk: Disk) -> bool:
         return (disk.needs_full_sync or disk.last_ack_cycle == 0) and not disk.full_sync_scanned
+
+    def _resync(self, group: str, ids: set[bytes], reason: str) -> None:
+        """The receiver cannot build on these disks' replicas: compare them again."""
+        for disk in self.tracker.group_disks(group):
+            if disk.disk_id in ids:
+                log.warning("%s: %s: full sync", disk.path, reason)
+                disk.mark_full(reason)
+                self.tracker.note_change(group)
 
     def _due_groups(self) -> list[str]:
         now = time.monotonic()
         due = []
         names = {d.group for d in self.tracker.disks.values()} | set(self.tracker.groups)
         for name in sorted(names):
+            if name in self.refused and now < self.refused[name][0]:
+                continue  # refused a moment ago: this group backs off, the others go on
             group = self.tracker.group(name)
             disks = self.tracker.group_disks(name)
             if any(self._needs_scan(d) or d.needs_full_sync for d in disks):
@@ -143,18 +166,40 @@ class Shipper:
             self.tracker.failed(cut)  # a disk came or moved in during the scans: compare it first
         cycle_id = link.points.get(name, 0) + 1
         entries = tuple(DiskEntry(d.disk_id, d.path, p.size, d.block_size) for d, p in cut.parts.items())
-        header = CycleHeader(name, cycle_id, cut.cut_time, entries)
+        full_sync = {d.disk_id: p.basis for d, p in cut.parts.items() if p.full_sync}
+        header = CycleHeader(name, cycle_id, cut.cut_time, entries, full_sync)
         sent_before = link.bytes_sent
         shipped = {d: 0 for d in cut.parts}
         try:
             await link.send_cycle(header, self._blocks(cut, shipped))
+        except CycleRefused as refusal:
+            self.tracker.failed(cut)
+            self._refused(name, refusal)
+            return
         except BaseException:
             if link.points.get(name, 0) >= cycle_id:  # committed; only the answer was lost
                 self._acknowledge(cut, cycle_id, shipped, 0)
             else:
                 self.tracker.failed(cut)
             raise
+        self.refused.pop(name, None)
         self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
+
+    def _refused(self, name: str, refusal: CycleRefused) -> None:
+        """One group's cycle was refused: its blocks stay dirty, the disks the
+        receiver cannot build on are compared again, and the group alone
+        backs off (at once when a full sync is what it needs)."""
+        if refusal.resync:
+            self._resync(name, refusal.resync, f"refused by the DR site: {refusal}")
+            backoff = 0.0
+        else:
+            backoff = min(max(self.refused.get(name, (0.0, BACKOFF_MIN / 2, ""))[1] * 2, BACKOFF_MIN),
+                          BACKOFF_MAX)
+        previous = self.refused.get(name, (0.0, 0.0, ""))[2]
+        if str(refusal) != previous:
+            log.warning("%s: cycle refused by the receiver: %s%s", name, refusal,
+                        f"; retrying in {backoff:g} s" if backoff else "")
+        self.refused[name] = (time.monotonic() + backoff, backoff, str(refusal))
 
     def _acknowledge(self, cut: Cut, cycle_id: int, shipped: dict[Disk, int], wire: int) -> None:
         total = sum(shipped.values()) or 1
@@ -216,7 +261,7 @@ class Shipper:
         fd = self._open_for_cut(disk)
         copy = Copy(fd=fd, size=st.st_size, sparse=True)
         ours: list[bytes | None] = []
-        theirs: list[bytes | None] | None = None
+        theirs = None
         try:
             async with trio.open_nursery() as nursery:
                 async def hash_ours() -> None:
@@ -239,12 +284,14 @@ class Shipper:
                     differing += stop - first
             else:
                 differing = 0
+                digests = theirs.digests
                 for i, h in enumerate(ours):
-                    if h != (theirs[i] if i < len(theirs) else None):
+                    if h != (digests[i] if i < len(digests) else None):
                         disk.active.set(i)
                         differing += 1
         finally:
             os.close(fd)
+        disk.basis = theirs.basis if theirs is not None else None
         disk.sync_progress = 1.0
         disk.changed = True
         disk.full_sync_scanned = True
@@ -257,10 +304,13 @@ class Shipper:
     def describe(self, disk: Disk) -> dict:
         point = self.points.get(disk.group)
         group = self.tracker.group(disk.group)
+        refused = self.refused.get(disk.group)
         if disk.needs_full_sync or disk.last_ack_cycle == 0 or disk.sync_progress is not None:
             state = "full-sync"
         elif not self.connected:
             state = "disconnected"
+        elif refused is not None:
+            state = "refused"
         elif disk.dirty() or disk.cut is not None:
             state = "syncing"
         else:
@@ -277,6 +327,8 @@ class Shipper:
             info["progress"] = round(disk.sync_progress, 4)
         if self.last_error and not self.connected:
             info["error"] = self.last_error
+        elif refused is not None:
+            info["error"] = f"the receiver refused the last cycle: {refused[2]}"
         return info
 
     # ----------------------------------------------------- peer identity

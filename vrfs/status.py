@@ -38,11 +38,13 @@ def status_main(args) -> int:
         if args.json:
             print(json.dumps(disks, indent=2))
             return 0
-        print(f"{'SOURCE':<16} {'PATH':<40} {'SIZE':>9} {'POINT':>7}  CUT")
+        print(f"{'SOURCE':<16} {'PATH':<40} {'SIZE':>9} {'STATE':<11} {'POINT':>7}  CUT")
         for d in disks:
             point = d.get("point") or {}
-            print(f"{d['source']:<16} {d['path']:<40} {_human(d['size']):>9} "
+            print(f"{d['source']:<16} {d['path']:<40} {_human(d['size']):>9} {d['state']:<11} "
                   f"{point.get('id', '-'):>7}  {_fmt_time(point.get('cut_time'))}")
+            if d.get("error"):
+                print(f"    {d['error']}")
         return 0
     if not args.mountpoint:
         raise UserError("status needs a MOUNTPOINT or --store URL", EXIT_USAGE)

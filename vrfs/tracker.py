@@ -65,6 +65,10 @@ class Disk:
     changed: bool = True  # since the last checkpoint
     cut: "Cut | None" = None  # the cycle in flight, whose unread blocks need copy-on-write
     full_sync_scanned: bool = False  # hashes compared; the next acknowledged cycle completes it
+    # What that comparison was made against at the DR site (a token of the
+    # receiver's, or None: it had no copy). The cycle that completes the full
+    # sync carries it, so the receiver builds on exactly that copy.
+    basis: str | None = None
     sync_progress: float | None = None
 
     @property
@@ -82,6 +86,7 @@ class Disk:
         self.needs_full_sync = True
         self.reason = reason
         self.changed = True
+        self.full_sync_scanned = False
 
 
 class Group:
@@ -536,7 +541,8 @@ class CutPart:
     unread: Bitmap  # a bitmap, not a set: a full sync can put millions of blocks in one cycle
     unread_count: int
     preserved: dict[int, bytes | tuple[int, int]] = field(default_factory=dict)  # in memory, or (offset, length) spilled
-    full_sync: bool = False
+    full_sync: bool = False  # this cycle completes the disk's full sync, compared against ``basis``
+    basis: str | None = None
 
 
 class Cut:
@@ -563,7 +569,8 @@ class Cut:
     def add(self, disk: Disk, fd: int, bits: Bitmap) -> None:
         size = os.fstat(fd).st_size
         part = CutPart(fd, size, bits, bits.copy(), bits.count())
-        part.full_sync = disk.needs_full_sync and disk.full_sync_scanned
+        part.full_sync = disk.full_sync_scanned
+        part.basis = disk.basis
         self.parts[disk] = part
 
     def preserve(self, disk: Disk, first: int, stop: int) -> None:

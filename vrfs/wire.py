@@ -80,6 +80,7 @@ class MsgType(IntEnum):
     BATCH = 8
     CYCLE_END = 9
     COMMITTED = 10
+    CYCLE_REFUSED = 11
 
 
 _PAYLOAD_BOUND = {t: MAX_CONTROL_PAYLOAD for t in MsgType}
@@ -263,6 +264,15 @@ def decode_disk_id(text: Any) -> bytes:
         raise ProtocolError("disk_id must be 32 hex digits") from None
 
 
+def disk_ids(value: Any) -> set[bytes]:
+    """A list of disk ids (resync requests); a missing field is an empty list."""
+    if value is None:
+        return set()
+    if not isinstance(value, list) or len(value) > MAX_DISKS_PER_GROUP:
+        raise ProtocolError("a list of disk ids has the wrong type or length")
+    return {decode_disk_id(v) for v in value}
+
+
 def disk_to_json(disk: DiskEntry) -> dict[str, Any]:
     return {"disk_id": disk.disk_id.hex(), "path": disk.path, "size": disk.size, "block_size": disk.block_size}
 
@@ -286,13 +296,28 @@ def disk_from_json(obj: Any, group: str) -> DiskEntry:
     )
 
 
+MAX_BASIS_LENGTH = 256
+
+
 def header_to_json(header: CycleHeader) -> dict[str, Any]:
-    return {
+    obj: dict[str, Any] = {
         "group": header.group,
         "cycle_id": header.cycle_id,
         "cut_time": header.cut_time,
         "disks": [disk_to_json(d) for d in header.disks],
     }
+    if header.full_sync:
+        obj["full_sync"] = {disk_id.hex(): basis for disk_id, basis in header.full_sync.items()}
+    return obj
+
+
+def basis_field(value: Any) -> str | None:
+    """A full-sync basis token: None (no copy) or a short string the receiver made."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_BASIS_LENGTH or "\0" in value:
+        raise ProtocolError("bad full-sync basis")
+    return value
 
 
 def header_from_json(obj: dict[str, Any]) -> CycleHeader:
@@ -313,8 +338,17 @@ def header_from_json(obj: dict[str, Any]) -> CycleHeader:
         for i in range(1, len(parts)):
             if "/".join(parts[:i]) in paths:
                 raise ProtocolError(f"path {path!r} lies under another disk")
+    raw_full = obj.get("full_sync", {})
+    if not isinstance(raw_full, dict):
+        raise ProtocolError("field 'full_sync' has the wrong type")
+    full_sync = {}
+    for key, basis in raw_full.items():
+        disk_id = decode_disk_id(key)
+        if disk_id not in ids:
+            raise ProtocolError("full_sync names a disk that is not in the cycle")
+        full_sync[disk_id] = basis_field(basis)
     return CycleHeader(group=group, cycle_id=int_field(obj, "cycle_id", 0, (1 << 63) - 1),
-                       cut_time=float(cut_time), disks=disks)
+                       cut_time=float(cut_time), disks=disks, full_sync=full_sync)
 
 
 # --- block batches ----------------------------------------------------------

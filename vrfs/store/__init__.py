@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vrfs.errors import UserError
 from vrfs.store.base import GroupState, Store, StoreError
+from vrfs.store.journal import Journal
 
 __all__ = ["GroupState", "Store", "StoreError", "open_store", "store_from_url", "store_status"]
 
@@ -35,16 +36,37 @@ def open_store(url: str) -> Store:
 def store_status(url: str) -> list[dict]:
     """Every replicated disk of a store, read without locking it (for `vrfs status --store`).
 
-    A bad URL or a directory that is not a store raises UserError (one line for the operator)."""
+    Each disk's ``state`` says whether its replica holds the group's point:
+    ``ok``; ``incomplete`` while a committed cycle is not yet (or cannot be)
+    applied, with the reason in ``error``; ``damaged`` when the replica is
+    missing or has the wrong size. A bad URL or a directory that is not a
+    store raises UserError (one line for the operator)."""
     try:
         store = store_from_url(url)
     except StoreError as exc:
         raise UserError(str(exc)) from None
     if not store.state_dir.is_dir():
         raise UserError(f"{url} is not a vrfs store (no {store.state_dir})")
+    if hasattr(store, "read_map"):
+        try:
+            store.read_map()
+        except StoreError as exc:
+            raise UserError(str(exc)) from None
     out = []
-    for source, _group, state in store.groups():
+    for source, group, state in store.groups():
         point = {"id": state.cycle_id, "cut_time": state.cut_time}
+        journal = Journal(store.journal_path(source, group))
+        pending = journal.committed
+        error = journal.apply_error() if pending else None
         for disk in state.disks:
-            out.append({"source": source, "path": disk.path, "size": disk.size, "point": point})
+            entry = {"source": source, "path": disk.path, "size": disk.size, "point": point}
+            if pending:
+                entry["state"] = "incomplete"
+                entry["error"] = error or "a committed cycle is being applied"
+            else:
+                damage = store.replica_damage(source, disk)
+                entry["state"] = "damaged" if damage else "ok"
+                if damage:
+                    entry["error"] = f"replica {damage}"
+            out.append(entry)
     return out

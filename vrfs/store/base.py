@@ -35,6 +35,26 @@ class StoreError(Exception):
     """The store cannot do what was asked; the message is for the operator and the peer."""
 
 
+class Refusal(StoreError):
+    """This store will not take one cycle of one group now; other groups go on.
+
+    ``resync`` maps the disks whose replica cannot be built on (missing,
+    damaged, or not the copy the source compared against) to the reason:
+    the source compares them again (a full sync) before it resends."""
+
+    def __init__(self, message: str, resync: dict[bytes, str] | None = None) -> None:
+        super().__init__(message)
+        self.resync = resync or {}
+
+
+class ApplyFailed(StoreError):
+    """Applying a committed cycle failed on one disk (EFBIG, ENOSPC, EIO, ...)."""
+
+    def __init__(self, disk: DiskEntry, exc: OSError) -> None:
+        super().__init__(f"cannot apply to {disk.path}: {exc.strerror or exc}")
+        self.disk_id = disk.disk_id
+
+
 @dataclass(frozen=True)
 class GroupState:
     """A group's newest point in the store."""
@@ -61,6 +81,25 @@ class Copy:
     fd: int
     size: int
     sparse: bool  # SEEK_DATA/SEEK_HOLE tell holes apart
+    # Which copy this is, as the source repeats it in the cycle that completes
+    # a full sync: "disk:ID:FINGERPRINT" (the replica of a disk the store
+    # knows, maybe another one that had this path) or "seed:FINGERPRINT" (a
+    # file the store did not make). The fingerprint changes whenever the copy
+    # does, so a cycle built on a copy that has since changed is refused.
+    basis: str = ""
+
+
+def parse_basis(basis: str) -> tuple[bytes | None, str]:
+    """(disk_id or None for a seed, fingerprint) of a basis token; ValueError if malformed."""
+    kind, _, rest = basis.partition(":")
+    if kind == "seed" and rest:
+        return None, rest
+    if kind == "disk":
+        hexid, _, fingerprint = rest.partition(":")
+        disk_id = bytes.fromhex(hexid)
+        if len(disk_id) == 16 and fingerprint:
+            return disk_id, fingerprint
+    raise ValueError(f"malformed basis {basis!r}")
 
 
 class Store(ABC):
@@ -134,6 +173,9 @@ class Store(ABC):
     def journal_path(self, source: str, group: str) -> Path:
         return self.state_dir / "journal" / source / group
 
+    def journal_committed(self, source: str, group: str) -> bool:
+        return Journal(self.journal_path(source, group)).committed
+
     def leftover_journals(self) -> list[tuple[str, Journal]]:
         """Journals left by a crash or a dropped connection, as (source, journal)."""
         out = []
@@ -157,42 +199,121 @@ class Store(ABC):
 
     # --- apply --------------------------------------------------------------
 
+    # --- integrity of what a cycle builds on -----------------------------------
+
+    def damaged(self, source: str, state: GroupState) -> dict[bytes, str]:
+        """The disks of a group's point whose replica is missing or has the wrong size."""
+        out = {}
+        for disk in state.disks:
+            reason = self.replica_damage(source, disk)
+            if reason:
+                out[disk.disk_id] = f"{disk.path}: replica {reason}"
+        return out
+
+    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
+        """The store's copy of ``disk`` for a comparison: its replica if the
+        store knows its disk_id, else the replica of the disk that had its
+        path, else a seed file at its path; None if there is none."""
+        state = self.load_group(source, group)
+        known = state.by_id().get(disk.disk_id) if state else None
+        if known is None and state is not None:
+            known = next((d for d in state.disks if d.path == disk.path), None)
+        return self.open_copy_at(source, disk, known)
+
+    def basis_holds(self, source: str, disk: DiskEntry, basis: str, old: dict[bytes, DiskEntry]) -> bool:
+        """Whether the copy a full sync compared against is still exactly there."""
+        try:
+            disk_id, fingerprint = parse_basis(basis)
+        except ValueError:
+            return False
+        if disk_id is None:
+            return self.fingerprint(source, disk.path) == fingerprint
+        base = old.get(disk_id)
+        return base is not None and self.fingerprint(source, base.path) == fingerprint
+
+    def check_cycle(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
+        """Refuse, before anything is staged, a cycle this store cannot hold or
+        that builds on a replica that is not what the source believes it is."""
+        old_by_id = old.by_id() if old else {}
+        resync: dict[bytes, str] = {}
+        for disk in header.disks:
+            if disk.disk_id in header.full_sync:
+                basis = header.full_sync[disk.disk_id]
+                if basis is not None and not self.basis_holds(source, disk, basis, old_by_id):
+                    resync[disk.disk_id] = f"{disk.path}: the copy it was compared with has changed"
+            elif disk.disk_id in old_by_id:
+                reason = self.replica_damage(source, old_by_id[disk.disk_id])
+                if reason:
+                    resync[disk.disk_id] = f"{disk.path}: replica {reason}"
+            elif self.occupied(source, disk.path):
+                resync[disk.disk_id] = f"{disk.path}: new here, and not compared with what holds its path"
+        if resync:
+            raise Refusal("; ".join(resync.values()) + ": a full sync is needed", resync)
+        self.check_backend(source, header, old)
+
+    # --- apply --------------------------------------------------------------
+
     def apply(self, source: str, journal: Journal) -> GroupState:
         """Bring the group's replica to the committed cycle of ``journal``.
 
         Idempotent, so a crash anywhere in it is repaired by running it again:
         1. move renamed and deleted disks out of the way into limbo (renames
-           could swap names), then write the ``limbo-filled`` marker so a redo
-           never moves a file that already reached its new name;
+           could swap names); a new disk whose full sync was compared with the
+           replica of an old disk takes that replica as its start (moved if
+           the old disk goes, copied if it stays); then write the
+           ``limbo-filled`` marker so a redo never moves a file that already
+           reached its new name;
         2. move disks from limbo to their new names (a redo finds them gone);
-        3. set each disk's size, write the journal's blocks, fsync;
+        3. set each disk's size (from empty if its full sync had no copy to
+           compare with), write the journal's blocks, fsync;
         4. record the point, then remove the journal.
+        Disks the journal was told to skip (receiver.py: a poisoned journal
+        whose disk the source deleted or compares afresh) get no blocks.
         """
         header = journal.header()
         old = self.load_group(source, header.group)
         old_by_id = old.by_id() if old else {}
+        skip = journal.skipped()
         limbo = self.state_dir / "limbo" / source / header.group
         if not (journal.path / Journal.LIMBO_FILLED).exists():
             limbo.mkdir(parents=True, exist_ok=True)
-            self.move_out(source, header, old_by_id, limbo)
+            self.move_out(source, header, old_by_id, limbo, adoptions(header, old_by_id))
             atomic_write(journal.path / Journal.LIMBO_FILLED, b"")
         self.move_in(source, header, old_by_id, limbo)
-        fds: list[int] = []
+        fds: list[int | None] = []
         try:
             for disk in header.disks:
-                fds.append(self.open_for_apply(source, disk, old_by_id.get(disk.disk_id)))
+                if disk.disk_id in skip:
+                    fds.append(None)
+                    continue
+                fresh = disk.disk_id in header.full_sync and header.full_sync[disk.disk_id] is None
+                try:
+                    fds.append(self.open_for_apply(source, disk, old_by_id.get(disk.disk_id), fresh))
+                except OSError as exc:
+                    raise ApplyFailed(disk, exc) from exc
             for disk_index, block_index, data in journal.records():
+                fd = fds[disk_index]
+                if fd is None:
+                    continue
                 disk = header.disks[disk_index]
                 offset = block_index * disk.block_size
-                if data is None:
-                    self.zero(fds[disk_index], offset, block_length(disk, block_index))
-                else:
-                    write_all(fds[disk_index], data, offset)
-            for fd in fds:
-                os.fsync(fd)
+                try:
+                    if data is None:
+                        self.zero(fd, offset, block_length(disk, block_index))
+                    else:
+                        write_all(fd, data, offset)
+                except OSError as exc:
+                    raise ApplyFailed(disk, exc) from exc
+            for disk, fd in zip(header.disks, fds):
+                if fd is not None:
+                    try:
+                        os.fsync(fd)
+                    except OSError as exc:
+                        raise ApplyFailed(disk, exc) from exc
         finally:
             for fd in fds:
-                os.close(fd)
+                if fd is not None:
+                    os.close(fd)
         self.sync_namespace(source, header, old)
         state = GroupState(header.cycle_id, header.cut_time, header.disks)
         self.save_group(source, header.group, state)
@@ -202,18 +323,38 @@ class Store(ABC):
 
     # --- what a backend provides ---------------------------------------------
 
-    def check_cycle(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
-        """Refuse, before anything is staged, a cycle this store cannot hold."""
+    def check_backend(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
+        """Refuse, before anything is staged, a cycle this backend cannot hold."""
 
     @abstractmethod
-    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None: ...
+    def replica_damage(self, source: str, disk: DiskEntry) -> str | None:
+        """Why the replica of a disk the store knows cannot hold its point (missing,
+        wrong size), or None."""
+
+    @abstractmethod
+    def occupied(self, source: str, path: str) -> bool:
+        """Whether something already holds ``path``, so that a new disk there must be compared first."""
+
+    @abstractmethod
+    def fingerprint(self, source: str, path: str) -> str | None:
+        """What changes whenever the copy at ``path`` changes; None if there is none."""
+
+    @abstractmethod
+    def open_copy_at(self, source: str, disk: DiskEntry, known: DiskEntry | None) -> Copy | None:
+        """Open the replica of ``known`` (a disk the store knows), or else whatever holds the path of ``disk``."""
+
+    @abstractmethod
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
+                 adopted: dict[bytes, DiskEntry]) -> None:
+        """Step 1 of apply. ``adopted`` maps an old disk_id to the new disk that starts from its replica."""
 
     @abstractmethod
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None: ...
 
     @abstractmethod
-    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
-        """An fd to write the disk's blocks to, already at the disk's new size."""
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None, fresh: bool) -> int:
+        """An fd to write the disk's blocks to, already at the disk's new size
+        (all zeros first if ``fresh``)."""
 
     @abstractmethod
     def zero(self, fd: int, offset: int, length: int) -> None: ...
@@ -221,9 +362,22 @@ class Store(ABC):
     def sync_namespace(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
         """Make renames and deletions durable before the point is recorded."""
 
-    @abstractmethod
-    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
-        """The store's copy of ``disk``: by disk_id if known, else by path; None if there is none."""
+
+
+def adoptions(header: CycleHeader, old: dict[bytes, DiskEntry]) -> dict[bytes, DiskEntry]:
+    """Old disk_id -> the new disk of this cycle whose full sync was compared with its replica."""
+    out = {}
+    for disk in header.disks:
+        basis = header.full_sync.get(disk.disk_id)
+        if basis is None or disk.disk_id in old:
+            continue
+        try:
+            base_id, _ = parse_basis(basis)
+        except ValueError:
+            continue
+        if base_id is not None and base_id in old:
+            out[base_id] = disk
+    return out
 
 
 def write_all(fd: int, data: bytes, offset: int) -> None:

@@ -13,6 +13,7 @@ is read again for every cycle, so a mapping can be added without a restart.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import stat
@@ -85,7 +86,10 @@ class DevStore(Store):
             raise StoreError(f"{source}/{path} has no device in {self.mapfile}") from None
 
     def check_cycle(self, source: str, header: CycleHeader, old) -> None:  # type: ignore[no-untyped-def]
-        self.read_map()
+        self.read_map()  # before the integrity checks, which look devices up
+        super().check_cycle(source, header, old)
+
+    def check_backend(self, source: str, header: CycleHeader, old) -> None:  # type: ignore[no-untyped-def]
         written = set()
         for disk in header.disks:
             dev = self.device(source, disk.path)
@@ -114,8 +118,64 @@ class DevStore(Store):
                     raise StoreError(f"rename of {before.path} to {disk.path}: {src} is written by the same cycle; "
                                      "a device store cannot rename in a chain or swap")
 
-    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
-        pass  # devices stay where they are; a deleted disk's device is simply no longer used
+    # --- integrity -----------------------------------------------------------
+
+    def _device_size(self, dev: Path) -> int | None:
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            return device_size(fd)
+        finally:
+            os.close(fd)
+
+    def replica_damage(self, source: str, disk: DiskEntry) -> str | None:
+        dev = self.map.get((source, disk.path))
+        if dev is None:
+            return "has no device in the map"
+        size = self._device_size(dev)
+        if size is None:
+            return f"device {dev} cannot be opened"
+        if size < disk.size:
+            return f"device {dev} is smaller ({size} bytes) than the disk ({disk.size} bytes)"
+        return None
+
+    def occupied(self, source: str, path: str) -> bool:
+        return False  # a device is taken as it is (see the module's docstring)
+
+    def fingerprint(self, source: str, path: str) -> str | None:
+        # A device's content has no cheap fingerprint; what changes it is only
+        # this store, one cycle of the group at a time. Its identity is what
+        # the source compared with.
+        dev = self.map.get((source, path))
+        if dev is None:
+            return None
+        size = self._device_size(dev)
+        return None if size is None else f"{dev}.{size}"
+
+    def open_copy_at(self, source: str, disk: DiskEntry, known: DiskEntry | None) -> Copy | None:
+        dev = self.map.get((source, known.path if known else disk.path))
+        if dev is None:
+            return None
+        try:
+            fd = os.open(dev, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        dsize = device_size(fd)
+        size = min(known.size if known else disk.size, dsize)
+        fingerprint = f"{dev}.{dsize}"
+        basis = f"disk:{known.disk_id.hex()}:{fingerprint}" if known else f"seed:{fingerprint}"
+        return Copy(fd, size, sparse=False, basis=basis)
+
+    # --- apply ---------------------------------------------------------------
+
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
+                 adopted: dict[bytes, DiskEntry]) -> None:
+        # Devices stay where they are; a deleted disk's device is simply no
+        # longer used. A new disk that adopts an old disk's replica has it
+        # already: both are the device of the same path.
+        pass
 
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
         for disk in header.disks:
@@ -145,15 +205,20 @@ class DevStore(Store):
         finally:
             os.close(sfd)
 
-    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None, fresh: bool) -> int:
         dev = self.device(source, disk.path)
-        fd = os.open(dev, os.O_RDWR)
-        if device_size(fd) < disk.size:
+        fd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if device_size(fd) < disk.size:
+                raise OSError(errno.ENOSPC, f"{dev} is smaller than the disk ({disk.size} bytes)")
+            if fresh:
+                self.zero(fd, 0, disk.size)  # its full sync found no copy: the disk starts as zeros
+            elif old is not None and disk.size > old.size:
+                # A file that grows reads as zeros past its old end; so must the device.
+                self.zero(fd, old.size, disk.size - old.size)
+        except BaseException:
             os.close(fd)
-            raise StoreError(f"{source}/{disk.path} is {disk.size} bytes, larger than {dev}")
-        if old is not None and disk.size > old.size:
-            # A file that grows reads as zeros past its old end; so must the device.
-            self.zero(fd, old.size, disk.size - old.size)
+            raise
         return fd
 
     def zero(self, fd: int, offset: int, length: int) -> None:
@@ -169,16 +234,3 @@ class DevStore(Store):
             n = min(len(chunk), end - offset)
             write_all(fd, chunk[:n], offset)
             offset += n
-
-    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
-        state = self.load_group(source, group)
-        known = state.by_id().get(disk.disk_id) if state else None
-        dev = self.map.get((source, known.path if known else disk.path))
-        if dev is None:
-            return None
-        try:
-            fd = os.open(dev, os.O_RDONLY)
-        except OSError:
-            return None
-        size = known.size if known else min(disk.size, device_size(fd))
-        return Copy(fd, size, sparse=False)

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from vrfs.cycle import CycleHeader, DiskEntry
-from vrfs.store.base import Copy, GroupState, Store, StoreError, write_all
+from vrfs.store.base import Copy, GroupState, Store, StoreError, data_extents, write_all
 from vrfs.durable import fsync_dir
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -60,16 +60,69 @@ class DirStore(Store):
         except FileNotFoundError:
             return False
 
-    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
+    # --- integrity -----------------------------------------------------------
+
+    def replica_damage(self, source: str, disk: DiskEntry) -> str | None:
+        try:
+            st = os.lstat(self.replica(source, disk.path))
+        except FileNotFoundError:
+            return "is missing"
+        if not stat.S_ISREG(st.st_mode):
+            return "is not a regular file"
+        if st.st_size != disk.size:
+            return f"has {st.st_size} bytes instead of {disk.size}"
+        return None
+
+    def occupied(self, source: str, path: str) -> bool:
+        # A directory there is pruned by apply if emptied, and fails it otherwise.
+        try:
+            return not stat.S_ISDIR(os.lstat(self.replica(source, path)).st_mode)
+        except FileNotFoundError:
+            return False
+
+    def fingerprint(self, source: str, path: str) -> str | None:
+        try:
+            st = os.lstat(self.replica(source, path))
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+
+    def open_copy_at(self, source: str, disk: DiskEntry, known: DiskEntry | None) -> Copy | None:
+        p = self.replica(source, known.path if known else disk.path)
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        fingerprint = f"{st.st_ino}.{st.st_size}.{st.st_mtime_ns}"
+        basis = f"disk:{known.disk_id.hex()}:{fingerprint}" if known else f"seed:{fingerprint}"
+        return Copy(fd, st.st_size, sparse=True, basis=basis)
+
+    # --- apply ---------------------------------------------------------------
+
+    def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
+                 adopted: dict[bytes, DiskEntry]) -> None:
         new = {d.disk_id: d for d in header.disks}
         for disk_id, entry in old.items():
             target = new.get(disk_id)
             if target is not None and target.path == entry.path:
                 continue
             p = self.replica(source, entry.path)
+            heir = adopted.get(disk_id)
             if self._is_file(p):  # else already moved or removed by an earlier try
+                if heir is not None and target is not None:
+                    # The old disk lives on elsewhere: the new one starts from a copy.
+                    copy_sparse(p, limbo / heir.disk_id.hex())
                 if target is None:
-                    os.unlink(p)
+                    if heir is not None:
+                        os.replace(p, limbo / heir.disk_id.hex())
+                    else:
+                        os.unlink(p)
                 else:
                     os.replace(p, limbo / disk_id.hex())
             # Emptied directories go now: a new disk of this cycle may take their name.
@@ -92,21 +145,26 @@ class DirStore(Store):
 
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
         for disk in header.disks:
-            parked = limbo / disk.disk_id.hex()
-            if disk.disk_id in old and self._is_file(parked):
+            parked = limbo / disk.disk_id.hex()  # renamed, or a new disk's adopted start
+            if self._is_file(parked):
                 dest = self.replica(source, disk.path)
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(parked, dest)
 
-    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None) -> int:
-        # A file already at the path of a disk new to the store is a seed: keep it.
+    def open_for_apply(self, source: str, disk: DiskEntry, old: DiskEntry | None, fresh: bool) -> int:
+        # A file already at the path of a disk new to the store is the seed its
+        # full sync was compared with (check_cycle made sure): keep it, unless
+        # the comparison found no copy, in which case the disk starts empty.
         p = self.replica(source, disk.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            p.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-        except OSError as exc:
-            raise StoreError(f"cannot open replica {p}: {exc.strerror or exc}") from None
-        os.ftruncate(fd, disk.size)
+            if fresh:
+                os.ftruncate(fd, 0)
+            os.ftruncate(fd, disk.size)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
 
     def zero(self, fd: int, offset: int, length: int) -> None:
@@ -122,16 +180,26 @@ class DirStore(Store):
                     break
                 d = d.parent
 
-    def open_copy(self, source: str, group: str, disk: DiskEntry) -> Copy | None:
-        state = self.load_group(source, group)
-        known = state.by_id().get(disk.disk_id) if state else None
-        p = self.replica(source, known.path if known else disk.path)
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """Copy a file's data extents (holes stay holes) to a new file, durably, atomically."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            return None
-        return Copy(fd, st.st_size, sparse=True)
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            for start, end in data_extents(sfd, 0, size):
+                offset = start
+                while offset < end:
+                    n = os.copy_file_range(sfd, dfd, min(end - offset, 1 << 30), offset, offset)
+                    if n == 0:
+                        break
+                    offset += n
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    os.replace(tmp, dst)

@@ -20,12 +20,15 @@ from vrfs.durable import atomic_write, fsync_dir, remove_tree
 from vrfs.wire import BATCH_RECORD, KIND_DATA, header_from_json, header_to_json
 
 READ_CHUNK = 8 << 20
+APPLY_ERROR_ROOM = 4096
 
 
 class Journal:
     BLOCKS = "blocks"
     COMMIT = "commit.json"
     LIMBO_FILLED = "limbo-filled"  # apply progress marker, see Store.apply
+    SKIP = "skip.json"  # disks whose blocks apply leaves out (a poisoned journal, see receiver.py)
+    APPLY_ERROR = "apply-error"  # why the last apply failed, for `vrfs status --store`
 
     def __init__(self, path: Path):
         self.path = path
@@ -36,6 +39,14 @@ class Journal:
         remove_tree(path)
         path.mkdir(parents=True)
         journal = cls(path)
+        # Room for the reason of a failed apply is taken now: an apply fails
+        # most often because the store is full, and that is when an operator
+        # most needs to read why.
+        fd = os.open(path / cls.APPLY_ERROR, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, bytes(APPLY_ERROR_ROOM))
+        finally:
+            os.close(fd)
         journal._fd = os.open(path / cls.BLOCKS, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
         return journal
 
@@ -60,6 +71,35 @@ class Journal:
             os.close(self._fd)
             self._fd = None
         remove_tree(self.path)
+
+    def skipped(self) -> set[bytes]:
+        try:
+            return {bytes.fromhex(h) for h in json.loads((self.path / self.SKIP).read_bytes())}
+        except FileNotFoundError:
+            return set()
+
+    def skip(self, disk_id: bytes) -> None:
+        ids = self.skipped() | {disk_id}
+        atomic_write(self.path / self.SKIP, json.dumps(sorted(i.hex() for i in ids)).encode())
+
+    def record_apply_error(self, message: str) -> None:
+        """Best effort, in place, in the room taken at creation (no new space needed)."""
+        text = message.encode("utf-8", "replace")[:APPLY_ERROR_ROOM]
+        try:
+            fd = os.open(self.path / self.APPLY_ERROR, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.pwrite(fd, text + bytes(APPLY_ERROR_ROOM - len(text)), 0)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def apply_error(self) -> str | None:
+        try:
+            text = (self.path / self.APPLY_ERROR).read_bytes().rstrip(b"\0")
+        except OSError:
+            return None
+        return text.decode("utf-8", "replace") or None
 
     @property
     def committed(self) -> bool:
