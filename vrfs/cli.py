@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mount even though other processes hold files of SOURCE open for writing "
                         "(a VM started before the mount); their writes will not be tracked and "
                         "the replicas of those files can differ from the source without a sign")
+    m.add_argument("--verify-every", metavar="DURATION",
+                   help="verify every replica against the source this often, e.g. 7d, and repair what "
+                        "differs (default: off; `vrfs verify` runs one now)")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     m.add_argument("--no-tracking", action="store_true",
@@ -83,6 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--blocks", action="store_true",
                    help="also list the dirty block ranges of each disk (with --json)")
+
+    v = sub.add_parser(
+        "verify", help="prove that the DR site holds exactly what the source held at its newest point",
+        description=(
+            "Compare, block by block (xxh3-128), the replicas at the DR site with the source's disks "
+            "as of each group's newest point, while the VMs keep running and replication goes on. "
+            "Blocks written since that point are skipped: the next cycle carries them. Exit status: "
+            "0 when every replica verifies, 1 when something differs, 2 when it could not check. "
+            "Interrupted (Ctrl-C, or a restart of the mount), the same command resumes where it stopped."),
+    )
+    v.add_argument("mountpoint", metavar="MOUNTPOINT")
+    v.add_argument("groups", metavar="GROUP", nargs="*", help="groups (VM directories) to verify (default: all)")
+    v.add_argument("--repair", action="store_true",
+                   help="ship the correct blocks of every differing one, as an ordinary consistent cycle, "
+                        "and wait until the repair is acknowledged")
+    v.add_argument("--rate", metavar="SIZE", default="100M",
+                   help="source data read per second, e.g. 100M, 1G; 0 for no limit (default: 100M)")
+    v.add_argument("--json", action="store_true", help="machine-readable result")
+    v.add_argument("--wait", metavar="DURATION", default="2m",
+                   help="give up (exit 2) when no progress is made this long, e.g. the link is down "
+                        "(default: 2m)")
 
     r = sub.add_parser(
         "serve", help="receive replication at the DR site",
@@ -112,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from vrfs.status import status_main
             return status_main(args)
+        if args.command == "verify":
+            from vrfs.verifycmd import verify_main
+            return verify_main(args)
         if args.command == "serve":
             from vrfs.serve import serve_main
             return serve_main(args)

@@ -57,6 +57,7 @@ class MountConfig:
     checkpoint_interval: float
     debug: bool
     untracked_writers: str  # --force: files other processes write behind vrfs's back
+    verify_every: float | None = None  # periodic online verify, seconds
 
 
 def _open_source(source: str) -> int:
@@ -156,6 +157,9 @@ def mount_main(args) -> int:
     mountpoint = os.path.abspath(args.mountpoint) if args.mountpoint else source
     peer = parse_address(args.peer, what="peer") if args.peer else None
     rpo = parse_duration(args.rpo, "RPO")
+    verify_every = parse_duration(args.verify_every, "--verify-every") if args.verify_every else None
+    if verify_every is not None and peer is None:
+        raise UserError("--verify-every needs --peer: a verify compares with the DR site", EXIT_USAGE)
     checkpoint_interval = parse_duration(os.environ.get("VRFS_CHECKPOINT_INTERVAL", "30s"),
                                          "VRFS_CHECKPOINT_INTERVAL")
     if not 1 <= args.compress_level <= 19:
@@ -183,7 +187,7 @@ def mount_main(args) -> int:
         tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
         name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
-        untracked_writers=untracked_writers,
+        untracked_writers=untracked_writers, verify_every=verify_every,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
     if args.foreground:
@@ -232,8 +236,10 @@ def _run(config: MountConfig, ready) -> int:
         shipper = None
         if tracker is not None and config.peer is not None:
             from vrfs.shipper import Shipper
+            from vrfs.verify import Verifier
+            verifier = Verifier(tracker, config.root_fd, config.vrfs_fd, limiter, config.verify_every)
             shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
-                              config.rpo, config.compress_level, config.congestion)
+                              config.rpo, config.compress_level, config.congestion, verifier=verifier)
         trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "
@@ -254,6 +260,8 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
         if op == "checkpoint" and tracker is not None:
             await tracker.checkpoint()
             return {"checkpoints": tracker.checkpoints}
+        if op in ("verify", "verify-status", "verify-pause"):
+            return _verify_request(shipper, request)
         return {"error": f"unknown request {op!r}"}
 
     async with trio.open_nursery() as nursery:
@@ -284,12 +292,37 @@ async def _stop_on_signal() -> None:
             return
 
 
+def _verify_request(shipper, request: dict) -> dict:
+    if shipper is None or shipper.verifier is None:
+        return {"error": "this datastore does not replicate (no --peer): there is nothing to verify"}
+    verifier = shipper.verifier
+    op = request["op"]
+    if op == "verify":
+        groups, repair, rate = request.get("groups", []), request.get("repair", False), request.get("rate", 0)
+        if not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)
+                and isinstance(repair, bool) and isinstance(rate, int) and not isinstance(rate, bool)
+                and rate >= 0):
+            return {"error": "bad verify request"}
+        answer = verifier.start(groups, repair, rate)
+        if "error" not in answer:
+            answer["connected"] = shipper.connected
+        return answer
+    if op == "verify-pause":
+        verifier.pause()
+    answer = verifier.status()
+    answer["connected"] = shipper.connected
+    answer["link_error"] = shipper.last_error
+    return answer
+
+
 def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool) -> dict:
     disks = []
     for disk in (tracker.disks.values() if tracker else ()):
         info = tracker.describe(disk, ranges)
         if shipper is not None:
             info.update(shipper.describe(disk))
+            if shipper.verifier is not None:
+                info["verify"] = shipper.verifier.disk_summary(disk)
         disks.append(info)
     disks.sort(key=lambda d: d["path"])
     return {

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +21,9 @@ from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
+
+if TYPE_CHECKING:
+    from vrfs.verify import Verifier
 
 log = logging.getLogger("vrfs.shipper")
 
@@ -33,8 +37,9 @@ IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that 
 class Shipper:
     def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None) -> None:
         self.tracker = tracker
+        self.verifier = verifier
         self.root_fd = root_fd
         self.vrfs_fd = vrfs_fd
         self.peer = peer
@@ -114,12 +119,15 @@ class Shipper:
                     await self._ship_group(link, name)
                 except OSError as exc:  # this group's files; the others still ship
                     log.warning("%s: cannot ship now: %s", name, exc)
-            if due:
+            verifying = self.verifier is not None and self.verifier.busy
+            if self.verifier is not None:
+                await self.verifier.step(link)  # one chunk, between cycles: see vrfs/verify.py
+            if due or verifying:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since >= IDLE_CHECK:
                 await link.check_alive()
                 idle_since = time.monotonic()
-            await trio.sleep(0.1)
+            await trio.sleep(0 if self.verifier is not None and self.verifier.ready() else 0.1)
 
     def _needs_scan(self, disk: Disk) -> bool:
         return (disk.needs_full_sync or disk.last_ack_cycle == 0) and not disk.full_sync_scanned

@@ -70,6 +70,12 @@ def status_main(args) -> int:
               f"{lag:>7} {point.get('id', '-'):>6}  {_fmt_time(point.get('cut_time'))}")
         if d.get("reason"):
             print(f"    {d['reason']}")
+        elif d.get("error") and d["state"] != "in-sync":
+            print(f"    {d['error']}")
+        found = d.get("verify")
+        if found and found["state"] != "ok":
+            print(f"    last verify ({_fmt_time(found['finished'])}): {found['state']}"
+                  + (f", {found['differing']} blocks differed" if found["differing"] else ""))
     return 0
 
 
