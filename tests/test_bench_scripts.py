@@ -56,3 +56,19 @@ def test_bench_datastore_quick(tmp_path: Path) -> None:
     # Everything it made is gone: no mount left behind, no temporary directory.
     assert _mounts() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+def test_bench_verify_quick(tmp_path: Path) -> None:
+    before = _mounts()
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(REPO / "scripts" / "bench-verify"), "--quick", "--dir", str(tmp_path),
+                             "--json", str(out)], capture_output=True, text=True, timeout=280, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "bare xxh3-128 of one copy" in result.stdout and "verify / bare" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["verify_MBps"] > 0 and data["bare_MBps"] > 0
+    assert _mounts() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]

@@ -233,7 +233,17 @@ class Verifier:
         size = os.stat(disk.path, dir_fd=self.root_fd, follow_symlinks=False).st_size
         ours_total = -(-size // bs)
         entry = DiskEntry(disk.disk_id, disk.path, size, bs)
-        theirs = await link.fetch_hashes(disk.group, entry, first, count)
+        # Both sites hash at once: ours in a worker thread while the DR site's
+        # digests are on their way.
+        ours: list[bytes | None] = []
+
+        async def hash_ours() -> None:
+            ours.extend(await trio.to_thread.run_sync(self._hash_ours, disk, size, first,
+                                                      min(first + count, ours_total) - first, limiter=self.limiter))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hash_ours)
+            theirs = await link.fetch_hashes(disk.group, entry, first, count)
         result.point = link.points.get(disk.group, 0)
         expected = f"disk:{key}:"
         if theirs is None or not theirs.basis.startswith(expected):
@@ -246,8 +256,6 @@ class Verifier:
             return 0
         theirs_total = -(-theirs.size // bs)
         stop = min(first + count, max(ours_total, theirs_total))
-        ours = await trio.to_thread.run_sync(self._hash_ours, disk, size, first, min(stop, ours_total) - first,
-                                             limiter=self.limiter)
         differing = []
         for k in range(stop - first):
             index = first + k

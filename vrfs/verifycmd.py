@@ -18,7 +18,7 @@ from vrfs.mount import control_path_of
 from vrfs.parse import parse_duration, parse_size
 
 EXIT_OK, EXIT_DIFFERS, EXIT_UNCHECKED = 0, 1, 2
-POLL = 0.5
+POLL = 0.2
 
 
 def _ask(path: str, request: dict) -> dict:
