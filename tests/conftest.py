@@ -1,5 +1,7 @@
 import faulthandler
 import sys
+from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 faulthandler.enable()
 
 from mounthelpers import Mount  # noqa: E402
+from sitehelpers import Site  # noqa: E402
 
 
 @pytest.fixture
@@ -31,3 +34,16 @@ def datastore(tmp_path, mount_factory):
     src.mkdir()
     mnt.mkdir()
     return mount_factory(src, mnt)
+
+
+@pytest.fixture
+def stack() -> Iterator[ExitStack]:
+    """Cleanups a test registers (servers, loop devices, mounts of its own), run even when it fails."""
+    with ExitStack() as s:
+        yield s
+
+
+@pytest.fixture
+def site(tmp_path, mount_factory, stack) -> Site:
+    """A datastore mounted with --peer and its running receiver (tests/sitehelpers.py)."""
+    return Site(tmp_path, mount_factory, stack).serve().start_mount()

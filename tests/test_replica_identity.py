@@ -20,7 +20,6 @@ import os
 import random
 import subprocess
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -33,17 +32,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE"),
 ]
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
-
-
-@pytest.fixture
-def site(tmp_path, mount_factory, stack) -> Site:
-    return Site(tmp_path, mount_factory, stack).serve().start_mount()
 
 
 def store_status(site: Site) -> dict[str, dict]:

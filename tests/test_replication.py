@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,25 +22,14 @@ import pytest
 
 from mounthelpers import vrfs
 from servehelpers import losetup, losetup_detach
-from sitehelpers import (  # noqa: F401  (re-exported for other test modules)
-    BS, MiB, NAME, RPO, Site, compressed_nonzero, fsync_path, random_writes, realistic, run, sha, tree,
+from sitehelpers import (
+    BS, MiB, NAME, Site, compressed_nonzero, fsync_path, random_writes, realistic, run, sha, tree,
 )
 
 pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE"),
 ]
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
-
-
-@pytest.fixture
-def site(tmp_path, mount_factory, stack) -> Site:
-    return Site(tmp_path, mount_factory, stack).serve().start_mount()
-
 
 # --------------------------------------------------------------- convergence
 

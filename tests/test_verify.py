@@ -12,8 +12,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -26,17 +24,6 @@ pytestmark = [
     pytest.mark.timeout(120),
     pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE"),
 ]
-
-
-@pytest.fixture
-def stack() -> Iterator[ExitStack]:
-    with ExitStack() as s:
-        yield s
-
-
-@pytest.fixture
-def site(tmp_path, mount_factory, stack) -> Site:
-    return Site(tmp_path, mount_factory, stack).serve().start_mount()
 
 
 def verify(site: Site, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:

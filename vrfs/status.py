@@ -10,7 +10,7 @@ from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.mount import control_path_of
 
 
-def _human(n: float) -> str:
+def human_size(n: float) -> str:
     for unit in ("B", "K", "M", "G", "T"):
         if abs(n) < 1024 or unit == "T":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
@@ -41,7 +41,7 @@ def status_main(args) -> int:
         print(f"{'SOURCE':<16} {'PATH':<40} {'SIZE':>9} {'STATE':<11} {'POINT':>7}  CUT")
         for d in disks:
             point = d.get("point") or {}
-            print(f"{d['source']:<16} {d['path']:<40} {_human(d['size']):>9} {d['state']:<11} "
+            print(f"{d['source']:<16} {d['path']:<40} {human_size(d['size']):>9} {d['state']:<11} "
                   f"{point.get('id', '-'):>7}  {_fmt_time(point.get('cut_time'))}")
             if d.get("error"):
                 print(f"    {d['error']}")
@@ -66,7 +66,7 @@ def status_main(args) -> int:
             state = f"{state} (RPO!)"
         point = d.get("last_point") or {}
         lag = f"{d['lag_seconds']:.0f}s" if "lag_seconds" in d else "-"
-        print(f"{d['path']:<36} {_human(d['size']):>8} {_human(d['dirty_bytes']):>8} {state:<16} "
+        print(f"{d['path']:<36} {human_size(d['size']):>8} {human_size(d['dirty_bytes']):>8} {state:<16} "
               f"{lag:>7} {point.get('id', '-'):>6}  {_fmt_time(point.get('cut_time'))}")
         if d.get("reason"):
             print(f"    {d['reason']}")

@@ -16,6 +16,7 @@ from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.mount import control_path_of
 from vrfs.parse import parse_duration, parse_size
+from vrfs.status import human_size
 
 EXIT_OK, EXIT_DIFFERS, EXIT_UNCHECKED = 0, 1, 2
 POLL = 0.2
@@ -44,7 +45,7 @@ class Progress:
         done, total = job["bytes_compared"], job["bytes_total"]
         frac = min(1.0, done / total) if total else 1.0
         rate = done / max(time.monotonic() - self.started, 1e-3)
-        text = f"verifying {_size(done)} of {_size(total)} ({frac * 100:.0f}%, {_size(rate)}/s){note}"
+        text = f"verifying {human_size(done)} of {human_size(total)} ({frac * 100:.0f}%, {human_size(rate)}/s){note}"
         if self.tty:
             width = 30
             bar = "#" * int(frac * width) + "." * (width - int(frac * width))
@@ -155,11 +156,3 @@ def _report(job: dict, repaired: dict[str, int]) -> None:
     verdict = {"ok": "every replica verifies", "differs": "replicas differ from the source",
                "incomplete": "some disks could not be checked"}.get(job["result"], job["result"])
     print(f"verify {job['id']}: {verdict}")
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
