@@ -108,6 +108,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up (exit 2) when no progress is made this long, e.g. the link is down "
                         "(default: 2m)")
 
+    pts = sub.add_parser("points", help="list the points in time a DR-site store holds",
+                         description="Per group of a store: its points (id, cut time, size, disks). "
+                                     "Works whether or not `vrfs serve` runs on the store.")
+    pts.add_argument("group", metavar="SOURCE/GROUP", nargs="?", help="one group (default: all)")
+    pts.add_argument("--store", metavar="URL", required=True, help="the store, e.g. dir:/srv/replicas")
+    pts.add_argument("--json", action="store_true", help="machine-readable output")
+
+    tf = sub.add_parser(
+        "test-failover", help="writable images of a group's point, while replication goes on",
+        description="Put writable images of every disk of SOURCE/GROUP, as of a point, under DIR/GROUP/... "
+                    "(the same relative paths as in the source datastore). The point and the replication "
+                    "of the group are not changed by what the test VM writes. `--cleanup DIR` removes "
+                    "them. Works whether or not `vrfs serve` runs on the store.")
+    tf.add_argument("group", metavar="SOURCE/GROUP", nargs="?")
+    tf.add_argument("--store", metavar="URL", help="the store, e.g. dir:/srv/replicas")
+    tf.add_argument("--point", metavar="ID", type=int, help="the point (default: the newest)")
+    tf.add_argument("--to", metavar="DIR", help="where the images go: a new or empty directory")
+    tf.add_argument("--format", choices=("qcow2", "raw"), default="qcow2",
+                    help="qcow2: an overlay on a read-only copy of the point (default); raw: sparse copies")
+    tf.add_argument("--cleanup", metavar="DIR", help="remove the test failover in DIR")
+
+    fo = sub.add_parser(
+        "failover", help="fence a group and hand its images to the hypervisor",
+        description="Fence SOURCE/GROUP at the store (its source is refused from now on, and shows "
+                    "`fenced`), and move the images of its newest point to DIR/GROUP/... as a datastore "
+                    "that `vrfs mount DIR` serves, tracking from that point. A rename when DIR is on the "
+                    "store's file system. Works whether or not `vrfs serve` runs on the store.")
+    fo.add_argument("group", metavar="SOURCE/GROUP")
+    fo.add_argument("--store", metavar="URL", required=True, help="the store, e.g. dir:/srv/replicas")
+    fo.add_argument("--point", metavar="ID", type=int, help="the point (default: the newest)")
+    fo.add_argument("--to", metavar="DIR", required=True, help="the datastore to be: a new or empty directory")
+
     r = sub.add_parser(
         "serve", help="receive replication at the DR site",
         description="Accept replication from protected sites and keep each replica at a "
@@ -139,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from vrfs.verifycmd import verify_main
             return verify_main(args)
+        if args.command in ("points", "test-failover", "failover"):
+            from vrfs import drcmd
+            return {"points": drcmd.points_main, "test-failover": drcmd.test_failover_main,
+                    "failover": drcmd.failover_main}[args.command](args)
         if args.command == "serve":
             from vrfs.serve import serve_main
             return serve_main(args)

@@ -28,8 +28,8 @@ def runtime_dir() -> str:
     return path
 
 
-def socket_path() -> str:
-    return os.path.join(runtime_dir(), f"mount-{os.getpid()}.sock")
+def socket_path(kind: str = "mount") -> str:
+    return os.path.join(runtime_dir(), f"{kind}-{os.getpid()}.sock")
 
 
 Handler = Callable[[dict], Awaitable[dict]]

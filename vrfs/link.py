@@ -55,10 +55,11 @@ class CycleRefused(Exception):
     (missing, damaged, or not the copy the source compared against): they
     need a full sync. ``point`` is the group's committed point there."""
 
-    def __init__(self, message: str, resync: set[bytes], point: int | None) -> None:
+    def __init__(self, message: str, resync: set[bytes], point: int | None, fenced: bool = False) -> None:
         super().__init__(message)
         self.resync = resync
         self.point = point
+        self.fenced = fenced  # the group was failed over at the DR site
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,8 @@ class Link:
                 point = None
             else:
                 self.points[header.group] = point
-            raise CycleRefused(str(reply.get("message", "refused"))[:1000], disk_ids(reply.get("resync")), point)
+            raise CycleRefused(str(reply.get("message", "refused"))[:1000], disk_ids(reply.get("resync")), point,
+                               reply.get("fenced") is True)
         if reply.get("group") != header.group or reply.get("cycle_id") != header.cycle_id:
             raise ProtocolError("COMMITTED does not match the cycle sent")
         self.points[header.group] = header.cycle_id

@@ -45,3 +45,11 @@ def parse_address(text: str, default_host: str = "", what: str = "address") -> t
     if not 0 < port < 65536:
         raise UserError(f"bad {what} {text!r}: port must be 1-65535", EXIT_USAGE)
     return host, port
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)

@@ -23,7 +23,7 @@ from vrfs import __version__
 from vrfs.cycle import CycleHeader
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
-from vrfs.store.base import ApplyFailed, Refusal, hash_blocks
+from vrfs.store.base import ApplyFailed, Fenced, Refusal, hash_blocks
 from vrfs.store.journal import Journal
 from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
@@ -63,6 +63,20 @@ class Receiver:
         self.store = store
         self.limiter = trio.CapacityLimiter(threads)
         self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle in progress
+
+    async def holding(self, source: str, group: str, fn: Callable[..., T], *args: Any, wait: float = 120.0) -> T:
+        """Run ``fn`` in a worker thread while no cycle of the group can be
+        received (a failover, a test failover): a cycle in progress finishes
+        first; one that arrives meanwhile is refused and comes again."""
+        key = (source, group)
+        with trio.fail_after(wait):
+            while key in self._busy:
+                await trio.sleep(0.1)
+        self._busy.add(key)
+        try:
+            return await self._run(fn, *args)
+        finally:
+            self._busy.discard(key)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -139,7 +153,7 @@ class Receiver:
             if src != source:
                 continue
             points[group] = state.cycle_id
-            if self.store.journal_committed(source, group):
+            if state.fenced is not None or self.store.journal_committed(source, group):
                 continue  # being brought to its next point; checked when that is done
             damaged = self.store.damaged(source, state)
             if damaged:
@@ -152,7 +166,8 @@ class Receiver:
         disk = disk_from_json(request.get("disk"), group)
         start = int_field(request, "first", 0, 1 << 50) if "first" in request else 0
         wanted = int_field(request, "count", 0, 1 << 50) if "count" in request else None
-        copy = await self._run(self.store.open_copy, source, group, disk)
+        state = await self._run(self.store.load_group, source, group)
+        copy = None if state is not None and state.fenced else await self._run(self.store.open_copy, source, group, disk)
         if copy is None:
             await frames.send_control(MsgType.HASHES_END, {"present": False})
             return
@@ -177,8 +192,8 @@ class Receiver:
         key = (source, header.group)
         if key in self._busy:
             await self._refuse(frames, peer, source, header, Refusal(
-                f"group {header.group!r} of {source!r} is already receiving a cycle on another connection"),
-                drain=True)
+                f"group {header.group!r} of {source!r} is busy (a cycle on another connection, or a "
+                "failover or test failover at the DR site)"), drain=True)
             return
         self._busy.add(key)
         try:
@@ -219,6 +234,10 @@ class Receiver:
     def _prepare(self, source: str, header: CycleHeader) -> None:
         """Before anything is staged: finish the group's committed journal, and
         check that the cycle is newer than its point and fits the store."""
+        old = self.store.load_group(source, header.group)
+        if old is not None and old.fenced is not None:
+            raise Fenced(f"group {header.group!r} is fenced: {old.fenced.get('reason', 'failed over')}; "
+                         "nothing is written until a reprotect")
         self._settle_before(source, header)
         old = self.store.load_group(source, header.group)
         if old is not None and header.cycle_id <= old.cycle_id:
@@ -262,7 +281,8 @@ class Receiver:
         state = await self._run(self.store.load_group, source, header.group)
         await frames.send_control(MsgType.CYCLE_REFUSED, {
             "group": header.group, "cycle_id": header.cycle_id, "message": str(refusal)[:1000],
-            "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0})
+            "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0,
+            "fenced": isinstance(refusal, Fenced)})
 
     async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> None:
         """Receive the cycle's batches into the journal and commit it once the manifest checks out."""

@@ -18,12 +18,14 @@ from typing import Any
 
 import trio
 
-from vrfs import daemon
+from vrfs import control, daemon, recovery
 from vrfs.errors import UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
 from vrfs.receiver import Receiver
 from vrfs.store import Store, StoreError, store_from_url
+from vrfs.store.base import CONTROL_FILE
+from vrfs.wire import ProtocolError, check_name
 
 log = logging.getLogger("vrfs.serve")
 
@@ -83,8 +85,11 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     for listener in listeners:
         tune_socket(listener.socket, None)  # accepted sockets inherit the large buffers
+    control_path = control.socket_path("serve")
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve_control, control_path, RecoveryRequests(store, receiver).handle)
+            (store.state_dir / CONTROL_FILE).write_text(control_path + "\n")
             await nursery.start(trio.serve_listeners, receiver.handle, listeners)
             log.info("serving %s on %s:%d (store id %s)", store.url, host, port, store.store_id)
             ready()
@@ -92,4 +97,45 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
                 log.info("%s: shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+    (store.state_dir / CONTROL_FILE).unlink(missing_ok=True)
     log.info("stopped")
+
+
+class RecoveryRequests:
+    """What `vrfs points`, `vrfs failover` and `vrfs test-failover` ask a
+    running server (vrfs/drcmd.py): done here, with the group held, so that
+    no cycle of it lands meanwhile."""
+
+    def __init__(self, store: Store, receiver: Receiver) -> None:
+        self.store = store
+        self.receiver = receiver
+
+    async def handle(self, request: dict) -> dict:
+        op = request.get("op")
+        try:
+            if op == "points":
+                return {"points": await trio.to_thread.run_sync(
+                    recovery.list_points, self.store, request.get("source"), request.get("group"))}
+            if op in ("failover", "test-failover"):
+                source = check_name(request.get("source"), "source name")
+                group = check_name(request.get("group"), "group")
+                to = Path(str(request.get("to")))
+                point = request.get("point")
+                if not to.is_absolute() or not (point is None or type(point) is int):
+                    return {"error": "bad request"}
+                if op == "failover":
+                    lines = await self.receiver.holding(source, group, recovery.failover, self.store, source,
+                                                        group, to, point)
+                else:
+                    lines = await self.receiver.holding(source, group, recovery.test_failover, self.store,
+                                                        source, group, to, str(request.get("format")), point)
+                log.info("%s of %s/%s to %s: done", op, source, group, to)
+                return {"lines": lines}
+        except (UserError, ProtocolError) as exc:
+            return {"error": str(exc)}
+        except trio.TooSlowError:
+            return {"error": "the group stayed busy receiving cycles for 2 minutes; try again"}
+        except OSError as exc:
+            log.exception("%s failed", op)
+            return {"error": f"{op} failed: {exc}"}
+        return {"error": f"unknown request {op!r}"}

@@ -31,6 +31,7 @@ DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
+FENCED_RETRY = 60.0  # seconds between tries of a group that the DR site fenced (failed over)
 IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that the link is still up
 
 
@@ -56,6 +57,7 @@ class Shipper:
         # Groups whose last cycle the receiver refused: (monotonic time of the
         # next try, current backoff, reason). Only that group waits.
         self.refused: dict[str, tuple[float, float, str]] = {}
+        self.fenced: set[str] = set()  # groups failed over at the DR site
         self.store_id = self._load_peer()
 
     # ------------------------------------------------------------ the loop
@@ -191,13 +193,16 @@ class Shipper:
                 self.tracker.failed(cut)
             raise
         self.refused.pop(name, None)
+        self.fenced.discard(name)
         self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
 
     def _refused(self, name: str, refusal: CycleRefused) -> None:
         """One group's cycle was refused: its blocks stay dirty, the disks the
         receiver cannot build on are compared again, and the group alone
         backs off (at once when a full sync is what it needs)."""
-        if refusal.resync:
+        if refusal.fenced:
+            backoff = FENCED_RETRY  # failed over there: ask again rarely, log once
+        elif refusal.resync:
             self._resync(name, refusal.resync, f"refused by the DR site: {refusal}")
             backoff = 0.0
         else:
@@ -208,6 +213,8 @@ class Shipper:
             log.warning("%s: cycle refused by the receiver: %s%s", name, refusal,
                         f"; retrying in {backoff:g} s" if backoff else "")
         self.refused[name] = (time.monotonic() + backoff, backoff, str(refusal))
+        if refusal.fenced:
+            self.fenced.add(name)
 
     def _acknowledge(self, cut: Cut, cycle_id: int, shipped: dict[Disk, int], wire: int) -> None:
         total = sum(shipped.values()) or 1
@@ -317,6 +324,8 @@ class Shipper:
             state = "full-sync"
         elif not self.connected:
             state = "disconnected"
+        elif disk.group in self.fenced:
+            state = "fenced"
         elif refused is not None:
             state = "refused"
         elif disk.dirty() or disk.cut is not None:

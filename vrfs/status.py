@@ -7,15 +7,8 @@ import os
 
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
+from vrfs.parse import format_size as human_size
 from vrfs.mount import control_path_of
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "K", "M", "G", "T"):
-        if abs(n) < 1024 or unit == "T":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def mount_status(mountpoint: str, ranges: bool = False) -> dict:

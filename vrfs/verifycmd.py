@@ -15,8 +15,7 @@ import time
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.mount import control_path_of
-from vrfs.parse import parse_duration, parse_size
-from vrfs.status import human_size
+from vrfs.parse import format_size as human_size, parse_duration, parse_size
 
 EXIT_OK, EXIT_DIFFERS, EXIT_UNCHECKED = 0, 1, 2
 POLL = 0.2

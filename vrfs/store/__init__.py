@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from vrfs.errors import UserError
-from vrfs.store.base import GroupState, Store, StoreError
+from vrfs.store.base import GroupState, Store, StoreError, StoreInUse
 from vrfs.store.journal import Journal
 
-__all__ = ["GroupState", "Store", "StoreError", "open_store", "store_from_url", "store_status"]
+__all__ = ["GroupState", "Store", "StoreError", "StoreInUse", "open_store", "store_from_url", "store_status"]
 
 
 def store_from_url(url: str) -> Store:
@@ -37,7 +37,7 @@ def store_status(url: str) -> list[dict]:
     """Every replicated disk of a store, read without locking it (for `vrfs status --store`).
 
     Each disk's ``state`` says whether its replica holds the group's point:
-    ``ok``; ``incomplete`` while a committed cycle is not yet (or cannot be)
+    ``ok``; ``failed-over`` (fenced: its images were handed over); ``incomplete`` while a committed cycle is not yet (or cannot be)
     applied, with the reason in ``error``; ``damaged`` when the replica is
     missing or has the wrong size. A bad URL or a directory that is not a
     store raises UserError (one line for the operator)."""
@@ -60,7 +60,10 @@ def store_status(url: str) -> list[dict]:
         error = journal.apply_error() if pending else None
         for disk in state.disks:
             entry = {"source": source, "path": disk.path, "size": disk.size, "point": point}
-            if pending:
+            if state.fenced is not None:
+                entry["state"] = "failed-over"
+                entry["error"] = state.fenced.get("reason", "failed over")
+            elif pending:
                 entry["state"] = "incomplete"
                 entry["error"] = error or "a committed cycle is being applied"
             else:

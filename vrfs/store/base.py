@@ -30,10 +30,15 @@ from vrfs.store.journal import Journal
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
 
 HASH_READ = 8 << 20
+CONTROL_FILE = "control"  # in the state directory: the control socket of the `vrfs serve` running on it
 
 
 class StoreError(Exception):
     """The store cannot do what was asked; the message is for the operator and the peer."""
+
+
+class StoreInUse(StoreError):
+    """Another process (a `vrfs serve`) holds the store's lock."""
 
 
 class Refusal(StoreError):
@@ -46,6 +51,10 @@ class Refusal(StoreError):
     def __init__(self, message: str, resync: dict[bytes, str] | None = None) -> None:
         super().__init__(message)
         self.resync = resync or {}
+
+
+class Fenced(Refusal):
+    """The group was failed over: its source may not write it any more."""
 
 
 class ApplyFailed(StoreError):
@@ -63,13 +72,21 @@ class GroupState:
     cycle_id: int
     cut_time: float
     disks: tuple[DiskEntry, ...]
+    # Set by a failover (vrfs/recovery.py): the group's images were handed to
+    # the hypervisor; cycles from its source are refused until a reprotect.
+    fenced: dict | None = None
 
     def to_json(self) -> dict:
-        return {"cycle_id": self.cycle_id, "cut_time": self.cut_time, "disks": [disk_to_json(d) for d in self.disks]}
+        obj = {"cycle_id": self.cycle_id, "cut_time": self.cut_time, "disks": [disk_to_json(d) for d in self.disks]}
+        if self.fenced is not None:
+            obj["fenced"] = self.fenced
+        return obj
 
     @classmethod
     def from_json(cls, obj: dict, group: str) -> GroupState:
-        return cls(int(obj["cycle_id"]), float(obj["cut_time"]), tuple(disk_from_json(d, group) for d in obj["disks"]))
+        fenced = obj.get("fenced")
+        return cls(int(obj["cycle_id"]), float(obj["cut_time"]), tuple(disk_from_json(d, group) for d in obj["disks"]),
+                   fenced if isinstance(fenced, dict) else None)
 
     def by_id(self) -> dict[bytes, DiskEntry]:
         return {d.disk_id: d for d in self.disks}
@@ -126,7 +143,7 @@ class Store(ABC):
         except OSError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise StoreError(f"store {self.url} is in use by another vrfs serve") from None
+            raise StoreInUse(f"store {self.url} is in use by another vrfs serve") from None
         id_file = self.state_dir / "store-id"
         if not id_file.exists():
             atomic_write(id_file, uuid.uuid4().hex.encode() + b"\n")

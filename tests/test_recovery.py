@@ -1,0 +1,147 @@
+"""Getting a VM back at the DR site, on real mounts and a real `vrfs serve`:
+`vrfs points`, `vrfs test-failover` (qcow2 overlays and raw copies, with the
+server running and without it), `vrfs failover` (fencing the source, handing
+the images to a datastore that `vrfs mount` serves from that point), and the
+operator's mistakes. Images are compared byte for byte with what the source
+held at the point (`qemu-img compare` for the overlays)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from mounthelpers import vrfs
+from sitehelpers import BS, MiB, Site, run, sha
+
+pytestmark = [
+    pytest.mark.timeout(150),
+    pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE"),
+]
+
+
+def replicate_a_vm(site: Site) -> dict[str, str]:
+    """vm1: a raw image and a qcow2 image written with qemu-io; returns their
+    content hashes at the point the DR site then holds."""
+    (site.mnt / "vm1").mkdir()
+    with open(site.mnt / "vm1/disk0.raw", "wb") as f:
+        f.truncate(16 * MiB)
+        for k in range(0, 16 * MiB, 5 * BS):
+            f.seek(k)
+            f.write(os.urandom(BS))
+    qcow = site.mnt / "vm1/disk1.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "64M")
+    run("qemu-io", "-t", "none", "-f", "qcow2", "-c", "write -P 0x5a 0 2M", "-c", "write -P 0x11 40M 64k", str(qcow))
+    site.wait_converged("vm1 replicated")
+    return {p: sha(site.src / p) for p in ("vm1/disk0.raw", "vm1/disk1.qcow2")}
+
+
+def points(site: Site, *args: str) -> list[dict]:
+    return json.loads(vrfs("points", "--store", site.store_url, "--json", *args).stdout)
+
+
+def test_points_and_test_failover_while_replication_goes_on(site: Site, tmp_path: Path) -> None:
+    at_point = replicate_a_vm(site)
+    (pt,) = points(site, "hv1/vm1")
+    assert pt["id"] >= 1 and {d["path"] for d in pt["disks"]} == set(at_point)
+    human = vrfs("points", "--store", site.store_url).stdout
+    assert "hv1/vm1" in human and "vm1/disk1.qcow2" in human
+
+    # qcow2 overlays on a read-only copy of the point, with the server running.
+    test = tmp_path / "test1"
+    out = vrfs("test-failover", "--store", site.store_url, "hv1/vm1", "--to", str(test)).stdout
+    assert f"point {pt['id']}" in out and "--cleanup" in out, out
+    for p in at_point:
+        info = json.loads(run("qemu-img", "info", "--output=json", str(test / p)).stdout)
+        assert info["format"] == "qcow2" and info["backing-filename"]
+        assert sha(Path(info["backing-filename"])) == at_point[p]
+        run("qemu-img", "compare", "-q", str(test / p), str(site.src / p))
+    # The test VM writes; the source writes; neither sees the other.
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 0 1M", str(test / "vm1/disk0.raw"))
+    with open(site.mnt / "vm1/disk0.raw", "r+b") as f:
+        f.write(b"after the test failover began")
+    site.wait_in_sync("vm1/disk0.raw", after={"vm1/disk0.raw": pt["id"]})
+    site.wait_converged("replication went on")
+    base = Path(json.loads(run("qemu-img", "info", "--output=json", str(test / "vm1/disk0.raw")).stdout)
+                ["backing-filename"])
+    assert sha(base) == at_point["vm1/disk0.raw"]  # the point's copy did not move
+
+    # Raw sparse copies, with no server running: the command holds the store itself.
+    site.server.stop()
+    test2 = tmp_path / "test2"
+    vrfs("test-failover", "--store", site.store_url, "hv1/vm1", "--to", str(test2), "--format", "raw")
+    for p in at_point:
+        assert sha(test2 / p) == sha(site.src / p)
+    site.server.start()
+
+    for d in (test, test2):
+        assert "removed the test failover" in vrfs("test-failover", "--cleanup", str(d)).stdout
+        assert not d.exists()
+    site.wait_converged("after the cleanups")
+
+
+def test_failover_fences_the_source_and_hands_over_a_datastore(site: Site, tmp_path: Path, mount_factory) -> None:
+    at_point = replicate_a_vm(site)
+    (pt,) = points(site, "hv1/vm1")
+    target = tmp_path / "dr-datastore"
+    out = vrfs("failover", "--store", site.store_url, "hv1/vm1", "--to", str(target)).stdout
+    assert "fenced" in out and "(rename)" in out and f"point {pt['id']}" in out, out
+    for p, h in at_point.items():
+        assert sha(target / p) == h
+    status = {d["path"]: d for d in json.loads(vrfs("status", "--store", site.store_url, "--json").stdout)}
+    assert all(d["point"]["id"] == pt["id"] and d["state"] == "failed-over" for d in status.values()), status
+
+    # The old source keeps writing: refused, shown as fenced, asked again at most once a minute.
+    with open(site.mnt / "vm1/disk0.raw", "r+b") as f:
+        f.write(b"written after the failover")
+    site.wait("fenced", lambda st: st["vm1/disk0.raw"]["state"] == "fenced", timeout=30)
+    time.sleep(4)
+    refusals = site.server.log().count("refused cycle")
+    assert refusals == 1, site.server.log()[-2000:]
+    for p, h in at_point.items():
+        assert sha(target / p) == h, "the failed-over images changed"
+    again = vrfs("failover", "--store", site.store_url, "hv1/vm1", "--to", str(tmp_path / "x"), check=False)
+    assert again.returncode == 1 and "already failed over" in again.stderr
+
+    # The images are a datastore, tracked from the point: no full sync needed.
+    lineage = json.loads((target / ".vrfs/lineage.json").read_text())
+    assert {v["point"] for v in lineage.values()} == {pt["id"]}
+    site.mount.umount()
+    m = mount_factory(target, None)
+    disks = {d["path"]: d for d in m.status()}
+    assert set(disks) == set(at_point)
+    assert all(d["state"] == "tracking" and d["dirty_blocks"] == 0 for d in disks.values()), disks
+    with open(target / "vm1/disk0.raw", "r+b") as f:  # the VM runs at the DR site
+        f.seek(3 * BS)
+        f.write(b"dr")
+    assert m.dirty_blocks("vm1/disk0.raw") == {3}
+
+
+def test_operator_mistakes_get_one_line(site: Site, tmp_path: Path) -> None:
+    replicate_a_vm(site)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "something").write_text("x")
+    cases = [
+        (["points", "--store", site.store_url, "hv1/vm9"], "no such group"),
+        (["points", "--store", f"dir:{tmp_path / 'nowhere'}"], "not a vrfs store"),
+        (["points", "--store", "ftp:x"], "bad store URL"),
+        (["failover", "--store", site.store_url, "hv1/vm9", "--to", str(tmp_path / "a")], "no such group"),
+        (["failover", "--store", site.store_url, "vm1", "--to", str(tmp_path / "a")], "SOURCE/GROUP"),
+        (["failover", "--store", site.store_url, "hv1/vm1", "--to", str(full)], "not an empty directory"),
+        (["failover", "--store", site.store_url, "hv1/vm1", "--point", "999", "--to", str(tmp_path / "a")],
+         "no point 999"),
+        (["test-failover", "--store", site.store_url, "hv1/vm1", "--to", str(full)], "not an empty directory"),
+        (["test-failover", "--store", site.store_url, "hv1/vm1"], "needs --store URL, SOURCE/GROUP and --to"),
+        (["test-failover", "--cleanup", str(full)], "is not a test failover"),
+    ]
+    for args, expect in cases:
+        result = vrfs(*args, check=False)
+        assert result.returncode != 0, args
+        assert expect in result.stderr and result.stderr.count("\n") == 1, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "a").exists()
+    site.wait_converged("nothing changed")

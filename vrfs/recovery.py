@@ -1,0 +1,263 @@
+"""Getting VMs back at the DR site: points, test failover, failover.
+
+Every function here works on an open store while the group is held, so that
+no cycle of it is applied meanwhile: by `vrfs serve` (through its control
+socket, vrfs/serve.py) when it runs, else by the command itself, which then
+holds the store's lock (vrfs/drcmd.py). They do blocking I/O and return the
+lines to print, one for each thing done.
+
+- test failover: writable images of a group's point under DIR/GROUP/…, while
+  replication goes on: raw sparse copies, or qcow2 overlays on a read-only
+  sparse copy of the point (qemu-img);
+- failover: fences the group (its source is refused from now on) and hands
+  its replicas to DIR as a datastore that `vrfs mount DIR` serves, with each
+  disk's lineage: its identity and state files say it is exactly at the
+  point, so tracking there starts from it.
+
+A store keeps the newest point of each group (retention of older points is
+not built yet): --point must name it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from vrfs.cycle import DiskEntry
+from vrfs.durable import atomic_write, fsync_dir
+from vrfs.errors import UserError
+from vrfs.statefile import DiskState
+from vrfs.store.base import GroupState, Store
+from vrfs.store.dirstore import DirStore, copy_sparse
+from vrfs.store.journal import Journal
+from vrfs.tracker import DEFAULT_EXTENT_SIZE
+
+TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it, for --cleanup
+
+
+def list_points(store: Store, source: str | None = None, group: str | None = None) -> list[dict]:
+    out = []
+    for src, grp, state in store.groups():
+        if (source and src != source) or (group and grp != group):
+            continue
+        out.append({"source": src, "group": grp, "id": state.cycle_id, "cut_time": state.cut_time,
+                    "disks": [{"path": d.path, "size": d.size} for d in state.disks],
+                    "bytes": sum(d.size for d in state.disks),
+                    "fenced": state.fenced})
+    return out
+
+
+def _group(store: Store, source: str, group: str, point: int | None) -> GroupState:
+    state = store.load_group(source, group)
+    if state is None:
+        known = sorted(f"{s}/{g}" for s, g, _ in store.groups())
+        raise UserError(f"{source}/{group}: no such group in {store.url}"
+                        + (f" (it has {', '.join(known)})" if known else " (it holds no group)"))
+    if point is not None and point != state.cycle_id:
+        raise UserError(f"{source}/{group}: no point {point}; this store keeps the newest point of each "
+                        f"group only, {state.cycle_id}")
+    return state
+
+
+def _settled(store: Store, source: str, group: str) -> GroupState:
+    """The group at its last committed point: a committed journal is applied
+    first (a failover while a cycle is in flight gives that cycle, never a mix)."""
+    journal = Journal(store.journal_path(source, group))
+    if journal.committed:
+        try:
+            store.apply(source, journal)
+        except Exception as exc:
+            raise UserError(f"{source}/{group}: its last committed cycle cannot be applied ({exc}); "
+                            "the replica is between two points") from None
+    state = store.load_group(source, group)
+    assert state is not None
+    return state
+
+
+def _empty_target(to: Path) -> None:
+    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+        raise UserError(f"{to} exists and is not an empty directory")
+
+
+def _dir_store(store: Store) -> DirStore:
+    if not isinstance(store, DirStore):
+        raise UserError(f"{store.url}: images can be taken only from a dir: store for now (a dev: store's "
+                        "images are its devices)")
+    return store
+
+
+def _check_intact(store: Store, source: str, state: GroupState) -> None:
+    damaged = store.damaged(source, state)
+    if damaged:
+        raise UserError("the point's replicas are damaged: " + "; ".join(damaged.values())
+                        + " (the source rebuilds them at its next connection)")
+
+
+# ------------------------------------------------------------ test failover
+
+def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "qcow2",
+                  point: int | None = None) -> list[str]:
+    """Writable images of the group's point under ``to``; the store is not changed."""
+    dstore = _dir_store(store)
+    if fmt not in ("qcow2", "raw"):
+        raise UserError(f"bad format {fmt!r}: qcow2 or raw")
+    _group(store, source, group, point)
+    _empty_target(to)
+    state = _settled(store, source, group)
+    if state.fenced:
+        raise UserError(f"{source}/{group} is failed over ({state.fenced.get('reason')}); its images are in "
+                        f"{state.fenced.get('to')}")
+    _check_intact(store, source, state)
+    to.mkdir(parents=True, exist_ok=True)
+    lines = []
+    bases = to / ".vrfs-test-bases"
+    for disk in state.disks:
+        replica = dstore.replica(source, disk.path)
+        image = to / disk.path
+        image.parent.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        if fmt == "raw":
+            copy_sparse(replica, image)
+            lines.append(f"{image}: raw copy of point {state.cycle_id} ({_took(started)})")
+            continue
+        base = bases / (disk.path + ".point")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        copy_sparse(replica, base)
+        os.chmod(base, 0o444)  # the point itself never changes; the test VM writes the overlay
+        backing_format = _image_format(base)
+        _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(image))
+        lines.append(f"{image}: qcow2 overlay on point {state.cycle_id} ({backing_format}, {_took(started)})")
+    atomic_write(to / TEST_MARK, json.dumps({"store": store.url, "source": source, "group": group,
+                                             "point": state.cycle_id, "format": fmt,
+                                             "created": time.time()}).encode())
+    lines.append(f"test failover of {source}/{group} at point {state.cycle_id} "
+                 f"(cut {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}) is in {to}; "
+                 f"replication goes on; `vrfs test-failover --cleanup {to}` removes it")
+    return lines
+
+
+def cleanup_test_failover(to: Path) -> list[str]:
+    mark = to / TEST_MARK
+    try:
+        info = json.loads(mark.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{to} is not a test failover (no {TEST_MARK})") from None
+    except ValueError:
+        raise UserError(f"{mark} is damaged; remove {to} by hand") from None
+    for root, dirs, files in os.walk(to, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+        for name in dirs:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                os.unlink(path)
+            else:
+                os.rmdir(path)
+    os.rmdir(to)
+    return [f"removed the test failover of {info.get('source')}/{info.get('group')} at point "
+            f"{info.get('point')} from {to}"]
+
+
+def _image_format(path: Path) -> str:
+    """The format of a replica (a disk is whatever file the hypervisor wrote: raw, qcow2, ...)."""
+    fmt = json.loads(_qemu_img("info", "--output=json", str(path))).get("format", "raw")
+    return fmt if fmt in ("raw", "qcow2", "vmdk", "vdi", "vhdx", "vpc", "qed") else "raw"
+
+
+def _qemu_img(*args: str) -> str:
+    try:
+        result = subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=600)
+    except FileNotFoundError:
+        raise UserError("qemu-img is needed for qcow2 images (Debian: qemu-utils); or use --format raw") from None
+    if result.returncode != 0:
+        raise UserError(f"qemu-img {args[0]} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+# ----------------------------------------------------------------- failover
+
+def failover(store: Store, source: str, group: str, to: Path, point: int | None = None) -> list[str]:
+    """Fence the group, then hand its replicas to ``to`` as a datastore."""
+    dstore = _dir_store(store)
+    state = _group(store, source, group, point)
+    if state.fenced and state.fenced.get("done"):
+        raise UserError(f"{source}/{group} is already failed over: {state.fenced.get('reason')}")
+    resuming = state.fenced is not None
+    if resuming and Path(state.fenced.get("to", "")) != to:
+        raise UserError(f"{source}/{group} is being failed over to {state.fenced.get('to')}; "
+                        "run the same command again to finish it")
+    if not resuming:
+        _empty_target(to)
+    state = _settled(store, source, group)
+    if not resuming:
+        _check_intact(store, source, state)
+    lines = []
+    fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
+             "point": state.cycle_id, "time": time.time()}
+    if not resuming:
+        store.save_group(source, group, GroupState(state.cycle_id, state.cut_time, state.disks, fence))
+        lines.append(f"{source}/{group}: fenced: cycles from {source} are refused from now on")
+    to.mkdir(parents=True, exist_ok=True)
+    block_size = {d.block_size for d in state.disks}
+    if len(block_size) > 1:
+        raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")
+    moved_by = "rename"
+    for disk in state.disks:
+        replica, image = dstore.replica(source, disk.path), to / disk.path
+        image.parent.mkdir(parents=True, exist_ok=True)
+        if image.exists() and not replica.exists():
+            continue  # moved by an earlier, interrupted run
+        try:
+            os.rename(replica, image)
+        except OSError as exc:
+            if exc.errno != 18:  # EXDEV: another file system, so a copy
+                raise
+            copy_sparse(replica, image)
+            moved_by = "copy"
+        fsync_dir(image.parent)
+    _write_lineage(to, source, group, state, block_size.pop() if block_size else 64 << 10)
+    store.save_group(source, group, GroupState(state.cycle_id, state.cut_time, state.disks,
+                                               {**(state.fenced or fence), "done": True}))
+    for disk in state.disks:
+        lines.append(f"{to / disk.path}: point {state.cycle_id} ({moved_by})")
+    lines.append(f"{source}/{group} failed over at point {state.cycle_id} (cut "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}); `vrfs mount {to}` "
+                 "serves it, tracking from that point")
+    return lines
+
+
+def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_size: int) -> None:
+    """State files that say each disk is exactly at the point (clean, nothing
+    dirty, its identity kept), the datastore's settings, and where it came from."""
+    meta = to / ".vrfs"
+    (meta / "state").mkdir(parents=True, exist_ok=True)
+    config = meta / "datastore.json"
+    if not config.exists():
+        atomic_write(config, json.dumps({"block_size": block_size, "extent_size": DEFAULT_EXTENT_SIZE}).encode())
+    lineage_file = meta / "lineage.json"
+    try:
+        lineage = json.loads(lineage_file.read_bytes())
+    except FileNotFoundError:
+        lineage = {}
+    for disk in state.disks:
+        st = os.lstat(to / disk.path)
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        atomic_write(meta / "state" / f"{st.st_ino}.psf", _clean_state(disk, st).encode())
+        lineage[disk.disk_id.hex()] = {"source": source, "group": group, "path": disk.path,
+                                       "point": state.cycle_id, "cut_time": state.cut_time}
+    atomic_write(lineage_file, json.dumps(lineage, indent=1).encode())
+
+
+def _clean_state(disk: DiskEntry, st: os.stat_result) -> DiskState:
+    return DiskState(disk_id=disk.disk_id, path=disk.path, block_size=disk.block_size,
+                     extent_size=DEFAULT_EXTENT_SIZE, ino=st.st_ino, size=st.st_size, ctime_ns=st.st_ctime_ns,
+                     clean=True)
+
+
+def _took(started: float) -> str:
+    return f"{time.monotonic() - started:.1f} s"
