@@ -49,13 +49,15 @@ class Server:
         self.log_path = log_path
         self.port = port or free_port()
         self.env = env or {}
+        self.args: tuple[str, ...] = ()  # more options of vrfs serve
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Server:
         log = open(self.log_path, "ab")
         start_at = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            vrfs_command("serve", "--foreground", "--listen", f"127.0.0.1:{self.port}", "--store", self.store_url),
+            vrfs_command("serve", "--foreground", "--listen", f"127.0.0.1:{self.port}", "--store", self.store_url,
+                         *self.args),
             stdout=log, stderr=log, env=vrfs_env(self.env), cwd=REPO)
         log.close()
         deadline = time.monotonic() + timeout

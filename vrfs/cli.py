@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"address to listen on (default: 0.0.0.0:{DEFAULT_PORT})")
     r.add_argument("--store", metavar="URL", required=True,
                    help="where replicas live: dir:PATH (sparse files) or dev:MAPFILE (block devices)")
+    r.add_argument("--retain", metavar="POLICY", default="",
+                   help="older points to keep besides the newest, as SPAN:EVERY rules, e.g. 1h:5m,1d:1h,7d:1d "
+                        "(one point per 5 minutes for the last hour, one per hour for a day, one per day for a "
+                        "week); a point costs the blocks that changed after it (default: the newest only; "
+                        "dir: stores)")
     r.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     r.add_argument("--log", metavar="FILE", help="log file of the background daemon")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -25,6 +24,7 @@ from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
 from vrfs.store.base import ApplyFailed, Fenced, Refusal, hash_blocks
 from vrfs.store.journal import Journal
+from vrfs.testhooks import crash_point
 from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
     FrameStream,
@@ -43,20 +43,8 @@ from vrfs.wire import (
 log = logging.getLogger("vrfs.receiver")
 
 HANDSHAKE_TIMEOUT = 30.0
-# Test hook: VRFS_TEST_CRASH=staging kills the process (SIGKILL, no cleanup)
-# after the first staged batch, =committed right after the commit record,
-# before apply. See docs/receiver.md.
-CRASH_ENV = "VRFS_TEST_CRASH"
 
 T = TypeVar("T")
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        log.warning("%s=%s: killing myself", CRASH_ENV, name)
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 class Receiver:
     def __init__(self, store: Store, *, threads: int = 4):
@@ -95,6 +83,12 @@ class Receiver:
                 log.info("discarded uncommitted staging of %s/%s", source, journal.path.name)
             else:
                 log.info("redid apply of %s/%s cycle %d", source, journal.path.name, state.cycle_id)
+        # Points the policy no longer keeps (it may have changed; a prune may have been cut short).
+        for source, group, state in await self._run(self.store.groups):
+            try:
+                await self._run(self.store.prune, source, group, state)
+            except OSError as exc:
+                log.error("pruning the points of %s/%s failed: %s", source, group, exc)
 
     async def handle(self, stream: trio.SocketStream) -> None:
         """Serve one connection until it ends. Never raises (except cancellation)."""
@@ -214,7 +208,7 @@ class Receiver:
                                        drain=True)
                     return
                 committed = True
-                _crash_point("committed")
+                crash_point("committed")
                 try:
                     state = await self._run(self.store.apply, source, journal)
                 except (OSError, StoreError) as exc:
@@ -300,7 +294,7 @@ class Receiver:
                 raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
             await self._run(journal.append, batch.journal)
             manifest.update(batch.manifest)
-            _crash_point("staging")
+            crash_point("staging")
         end = decode_control(frame.payload)
         declared = int_field(end, "blocks", 0, 1 << 62)
         if declared != count:

@@ -14,12 +14,14 @@ lines to print, one for each thing done.
   disk's lineage: its identity and state files say it is exactly at the
   point, so tracking there starts from it.
 
-A store keeps the newest point of each group (retention of older points is
-not built yet): --point must name it.
+A store keeps the newest point of each group in its replicas, and older
+points as undo data when `vrfs serve --retain` asks for them
+(vrfs/store/points.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -33,6 +35,7 @@ from vrfs.errors import UserError
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
+from vrfs.store.points import clone
 from vrfs.store.journal import Journal
 from vrfs.tracker import DEFAULT_EXTENT_SIZE
 
@@ -40,15 +43,29 @@ TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it
 
 
 def list_points(store: Store, source: str | None = None, group: str | None = None) -> list[dict]:
+    """Every point of every group (or one), oldest first: id, cut time, disks,
+    and the bytes it costs (the blocks that changed after it; 0 for the newest)."""
     out = []
     for src, grp, state in store.groups():
         if (source and src != source) or (group and grp != group):
             continue
-        out.append({"source": src, "group": grp, "id": state.cycle_id, "cut_time": state.cut_time,
-                    "disks": [{"path": d.path, "size": d.size} for d in state.disks],
-                    "bytes": sum(d.size for d in state.disks),
-                    "fenced": state.fenced})
+        for point in store.points.ids(src, grp):
+            if point >= state.cycle_id:
+                continue
+            older = store.points.load(src, grp, point)
+            out.append(_point_entry(src, grp, point, older["cut_time"],
+                                    [(d["path"], d["size"]) for d in older["disks"]],
+                                    store.points.size(src, grp, point), None))
+        out.append(_point_entry(src, grp, state.cycle_id, state.cut_time,
+                                [(d.path, d.size) for d in state.disks], 0, state.fenced))
     return out
+
+
+def _point_entry(source: str, group: str, point: int, cut_time: float, disks: list[tuple[str, int]],
+                 cost: int, fenced: dict | None) -> dict:
+    return {"source": source, "group": group, "id": point, "cut_time": cut_time,
+            "disks": [{"path": p, "size": n} for p, n in disks], "bytes": sum(n for _, n in disks),
+            "bytes_kept": cost, "fenced": fenced}
 
 
 def _group(store: Store, source: str, group: str, point: int | None) -> GroupState:
@@ -57,10 +74,32 @@ def _group(store: Store, source: str, group: str, point: int | None) -> GroupSta
         known = sorted(f"{s}/{g}" for s, g, _ in store.groups())
         raise UserError(f"{source}/{group}: no such group in {store.url}"
                         + (f" (it has {', '.join(known)})" if known else " (it holds no group)"))
-    if point is not None and point != state.cycle_id:
-        raise UserError(f"{source}/{group}: no point {point}; this store keeps the newest point of each "
-                        f"group only, {state.cycle_id}")
+    if point is not None and point != state.cycle_id and point not in store.points.ids(source, group):
+        kept = [i for i in store.points.ids(source, group) if i < state.cycle_id] + [state.cycle_id]
+        raise UserError(f"{source}/{group}: no point {point} (the store keeps {', '.join(map(str, kept))})")
     return state
+
+
+def _point_state(store: Store, source: str, group: str, point: int | None) -> GroupState:
+    """The group as of an older retained point (the newest: as it is)."""
+    state = store.load_group(source, group)
+    assert state is not None
+    if point is None or point == state.cycle_id:
+        return state
+    older = store.points.load(source, group, point)
+    return GroupState.from_json(older, group)
+
+
+def _write_image(store: DirStore, source: str, group: str, newest: GroupState, point: GroupState,
+                 disk: DiskEntry, dest: Path) -> None:
+    """``disk`` as of ``point`` into ``dest``: a clone (reflink where the file
+    system has it) of the replica, with the blocks changed since put back."""
+    current = newest.by_id().get(disk.disk_id)
+    replica = store.replica(source, current.path) if current is not None else None
+    if point.cycle_id == newest.cycle_id:
+        clone(replica, dest)
+    else:
+        store.points.materialize(source, group, point.cycle_id, disk, replica, dest)
 
 
 def _settled(store: Store, source: str, group: str) -> GroupState:
@@ -112,21 +151,21 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
         raise UserError(f"{source}/{group} is failed over ({state.fenced.get('reason')}); its images are in "
                         f"{state.fenced.get('to')}")
     _check_intact(store, source, state)
+    newest, state = state, _point_state(store, source, group, point)
     to.mkdir(parents=True, exist_ok=True)
     lines = []
     bases = to / ".vrfs-test-bases"
     for disk in state.disks:
-        replica = dstore.replica(source, disk.path)
         image = to / disk.path
         image.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         if fmt == "raw":
-            copy_sparse(replica, image)
-            lines.append(f"{image}: raw copy of point {state.cycle_id} ({_took(started)})")
+            _write_image(dstore, source, group, newest, state, disk, image)
+            lines.append(f"{image}: raw image of point {state.cycle_id} ({_took(started)})")
             continue
         base = bases / (disk.path + ".point")
         base.parent.mkdir(parents=True, exist_ok=True)
-        copy_sparse(replica, base)
+        _write_image(dstore, source, group, newest, state, disk, base)
         os.chmod(base, 0o444)  # the point itself never changes; the test VM writes the overlay
         backing_format = _image_format(base)
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(image))
@@ -192,36 +231,43 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
                         "run the same command again to finish it")
     if not resuming:
         _empty_target(to)
-    state = _settled(store, source, group)
+    newest = _settled(store, source, group)
     if not resuming:
-        _check_intact(store, source, state)
+        _check_intact(store, source, newest)
+    chosen = point if resuming is False else state.fenced.get("point")
+    state = _point_state(store, source, group, chosen)
     lines = []
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
              "point": state.cycle_id, "time": time.time()}
     if not resuming:
-        store.save_group(source, group, GroupState(state.cycle_id, state.cut_time, state.disks, fence))
+        store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks, fence))
         lines.append(f"{source}/{group}: fenced: cycles from {source} are refused from now on")
     to.mkdir(parents=True, exist_ok=True)
     block_size = {d.block_size for d in state.disks}
     if len(block_size) > 1:
         raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")
-    moved_by = "rename"
+    moved_by = "rename" if state.cycle_id == newest.cycle_id else "copy"
     for disk in state.disks:
         replica, image = dstore.replica(source, disk.path), to / disk.path
         image.parent.mkdir(parents=True, exist_ok=True)
+        if state.cycle_id != newest.cycle_id:  # an older point: its images are made, the replicas stay
+            if not image.exists():
+                _write_image(dstore, source, group, newest, state, disk, Path(f"{image}.tmp"))
+                os.replace(f"{image}.tmp", image)
+            continue
         if image.exists() and not replica.exists():
             continue  # moved by an earlier, interrupted run
         try:
             os.rename(replica, image)
         except OSError as exc:
-            if exc.errno != 18:  # EXDEV: another file system, so a copy
+            if exc.errno != errno.EXDEV:  # another file system: a copy
                 raise
             copy_sparse(replica, image)
             moved_by = "copy"
         fsync_dir(image.parent)
     _write_lineage(to, source, group, state, block_size.pop() if block_size else 64 << 10)
-    store.save_group(source, group, GroupState(state.cycle_id, state.cut_time, state.disks,
-                                               {**(state.fenced or fence), "done": True}))
+    store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks,
+                                               {**fence, **(newest.fenced or {}), "done": True}))
     for disk in state.disks:
         lines.append(f"{to / disk.path}: point {state.cycle_id} ({moved_by})")
     lines.append(f"{source}/{group} failed over at point {state.cycle_id} (cut "

@@ -19,12 +19,14 @@ from typing import Any
 import trio
 
 from vrfs import control, daemon, recovery
-from vrfs.errors import UserError
+from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
 from vrfs.receiver import Receiver
+from vrfs.retention import format_policy, parse_policy
 from vrfs.store import Store, StoreError, store_from_url
 from vrfs.store.base import CONTROL_FILE
+from vrfs.store.dirstore import DirStore
 from vrfs.wire import ProtocolError, check_name
 
 log = logging.getLogger("vrfs.serve")
@@ -33,10 +35,14 @@ log = logging.getLogger("vrfs.serve")
 
 def serve_main(args: Any) -> int:
     host, port = parse_address(args.listen, what="listen address")
+    policy = parse_policy(args.retain)
     try:
         store = store_from_url(args.store)
     except StoreError as exc:
         raise UserError(str(exc)) from None
+    if policy and not isinstance(store, DirStore):
+        raise UserError(f"--retain: {args.store} cannot keep older points (dir: stores can)", EXIT_USAGE)
+    store.policy = policy
     log_file = Path(args.log).absolute() if args.log else None
     if args.foreground:
         _open_store(store)
@@ -91,7 +97,8 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
             await nursery.start(control.serve_control, control_path, RecoveryRequests(store, receiver).handle)
             (store.state_dir / CONTROL_FILE).write_text(control_path + "\n")
             await nursery.start(trio.serve_listeners, receiver.handle, listeners)
-            log.info("serving %s on %s:%d (store id %s)", store.url, host, port, store.store_id)
+            log.info("serving %s on %s:%d (store id %s, keeping %s)", store.url, host, port, store.store_id,
+                     format_policy(store.policy))
             ready()
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import time
 import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ from pathlib import Path
 
 import xxhash
 
+from vrfs.bitmap import Bitmap
 from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.retention import Policy
 from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
+from vrfs.store.points import PointStore
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
 
 HASH_READ = 8 << 20
@@ -124,6 +128,8 @@ class Store(ABC):
     def __init__(self, url: str, state_dir: Path):
         self.url = url
         self.state_dir = state_dir
+        self.policy: Policy = ()  # older points to keep (vrfs serve --retain); () keeps the newest only
+        self.points = PointStore(state_dir)
         self.store_id = ""
         self._lock_fd: int | None = None
 
@@ -308,9 +314,12 @@ class Store(ABC):
         old_by_id = old.by_id() if old else {}
         skip = journal.skipped()
         limbo = self.state_dir / "limbo" / source / header.group
+        retain_in = None
+        if self.policy and old is not None:
+            retain_in = self._capture(source, header, old, journal, skip)
         if not (journal.path / Journal.LIMBO_FILLED).exists():
             limbo.mkdir(parents=True, exist_ok=True)
-            self.move_out(source, header, old_by_id, limbo, adoptions(header, old_by_id))
+            self.move_out(source, header, old_by_id, limbo, adoptions(header, old_by_id), retain_in)
             atomic_write(journal.path / Journal.LIMBO_FILLED, b"")
         if not (journal.path / Journal.MOVED_IN).exists():
             self.move_in(source, header, old_by_id, limbo)
@@ -356,7 +365,48 @@ class Store(ABC):
         self.save_group(source, header.group, state)
         journal.discard()
         remove_tree(limbo)
+        self.prune(source, header.group, state)
         return state
+
+    # --- older points (retention, vrfs/store/points.py) ---------------------
+
+    def _capture(self, source: str, header: CycleHeader, old: GroupState, journal: Journal,
+                 skip: set[bytes]) -> Path:
+        """Before a cycle changes the replicas: the blocks it overwrites, as
+        they are at the point ``old``, are saved under that point. Done once
+        per journal (a redo must not save new content as old)."""
+        point_dir = self.points.group_dir(source, header.group) / str(old.cycle_id)
+        if (journal.path / Journal.CAPTURED).exists():
+            return point_dir
+        index_of = {d.disk_id: i for i, d in enumerate(header.disks)}
+        changed: dict[bytes, Bitmap] = {d.disk_id: Bitmap() for d in old.disks}
+        for disk_index, block_index, _ in journal.records(with_data=False):
+            disk_id = header.disks[disk_index].disk_id
+            if disk_id in changed and disk_id not in skip:
+                changed[disk_id].set(block_index)
+        saves = {}
+        for entry in old.disks:
+            if entry.disk_id not in index_of:
+                continue  # deleted: its whole replica goes to the point (move_out)
+            new = header.disks[index_of[entry.disk_id]]
+            blocks = changed[entry.disk_id]
+            if entry.disk_id in header.full_sync and header.full_sync[entry.disk_id] is None:
+                blocks.set_range(0, entry.block_count)  # rebuilt from empty: all of it changes
+            elif new.size < entry.size:
+                blocks.set_range(new.size // entry.block_size, entry.block_count)  # cut off by a shrink
+            if blocks.count():
+                saves[entry.disk_id] = (self.replica_path(source, entry.path), entry, blocks)
+        point = {"cycle_id": old.cycle_id, "cut_time": old.cut_time, "disks": old.to_json()["disks"]}
+        self.points.capture(source, header.group, point, saves)
+        atomic_write(journal.path / Journal.CAPTURED, b"")
+        return point_dir
+
+    def prune(self, source: str, group: str, state: GroupState) -> None:
+        if self.points.ids(source, group):
+            self.points.prune(source, group, (state.cycle_id, state.cut_time), self.policy, time.time())
+
+    def replica_path(self, source: str, path: str) -> Path:
+        raise StoreError(f"{self.url}: this store cannot keep older points")
 
     # --- what a backend provides ---------------------------------------------
 
@@ -382,8 +432,9 @@ class Store(ABC):
 
     @abstractmethod
     def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
-                 adopted: dict[bytes, DiskEntry]) -> None:
-        """Step 1 of apply. ``adopted`` maps an old disk_id to the new disk that starts from its replica."""
+                 adopted: dict[bytes, DiskEntry], retain_in: Path | None) -> None:
+        """Step 1 of apply. ``adopted`` maps an old disk_id to the new disk that starts from its
+        replica; with ``retain_in`` (a point's directory) a deleted disk's replica is kept there."""
 
     @abstractmethod
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None: ...

@@ -187,7 +187,7 @@ class DevStore(Store):
     # --- apply ---------------------------------------------------------------
 
     def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
-                 adopted: dict[bytes, DiskEntry]) -> None:
+                 adopted: dict[bytes, DiskEntry], retain_in: Path | None) -> None:
         # Devices stay where they are; a deleted disk's device is simply no
         # longer used. A new disk that adopts an old disk's replica has it
         # already: both are the device of the same path.

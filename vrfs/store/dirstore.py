@@ -105,8 +105,11 @@ class DirStore(Store):
 
     # --- apply ---------------------------------------------------------------
 
+    def replica_path(self, source: str, path: str) -> Path:
+        return self.replica(source, path)
+
     def move_out(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path,
-                 adopted: dict[bytes, DiskEntry]) -> None:
+                 adopted: dict[bytes, DiskEntry], retain_in: Path | None) -> None:
         new = {d.disk_id: d for d in header.disks}
         for disk_id, entry in old.items():
             target = new.get(disk_id)
@@ -119,6 +122,9 @@ class DirStore(Store):
                 copy_sparse(p, limbo / heir.disk_id.hex())
             if target is not None and target.path == entry.path:
                 continue
+            if self._is_file(p) and target is None and retain_in is not None:
+                # An older point keeps the deleted disk whole; a copy if a new disk starts from it.
+                self.points.keep_whole(retain_in, disk_id, p, entry, move=heir is None)
             if self._is_file(p):  # else already moved or removed by an earlier try
                 if target is None:
                     if heir is not None:

@@ -28,6 +28,7 @@ class Journal:
     COMMIT = "commit.json"
     LIMBO_FILLED = "limbo-filled"  # apply progress markers, see Store.apply
     MOVED_IN = "moved-in"
+    CAPTURED = "undo-captured"  # the blocks this cycle overwrites are saved under the older point
     SKIP = "skip.json"  # disks whose blocks apply leaves out (a poisoned journal, see receiver.py)
     APPLY_ERROR = "apply-error"  # why the last apply failed, for `vrfs status --store`
 
@@ -110,8 +111,9 @@ class Journal:
         record = json.loads((self.path / self.COMMIT).read_bytes())
         return header_from_json(record["header"])
 
-    def records(self) -> Iterator[tuple[int, int, bytes | None]]:
-        """(disk index, block index, data or None for a zero block), reading in large chunks."""
+    def records(self, with_data: bool = True) -> Iterator[tuple[int, int, bytes | None]]:
+        """(disk index, block index, data or None for a zero block), reading in
+        large chunks; without data, the data is skipped and always None."""
         with open(self.path / self.BLOCKS, "rb", buffering=READ_CHUNK) as f:
             while True:
                 head = f.read(BATCH_RECORD.size)
@@ -120,6 +122,11 @@ class Journal:
                 if len(head) != BATCH_RECORD.size:
                     raise OSError(f"journal {self.path} is truncated")
                 disk_index, block_index, kind, length = BATCH_RECORD.unpack(head)
+                if not with_data:
+                    if kind == KIND_DATA:
+                        f.seek(length, os.SEEK_CUR)
+                    yield disk_index, block_index, None
+                    continue
                 data = f.read(length) if kind == KIND_DATA else None
                 if data is not None and len(data) != length:
                     raise OSError(f"journal {self.path} is truncated")

@@ -1,0 +1,248 @@
+"""Older points in time of a group, kept as undo data (before-images).
+
+The replicas always hold the group's newest point. When a cycle is about to
+overwrite blocks, and the store retains points, the blocks' old content is
+saved first under the point the replica was at:
+
+    points/SOURCE/GROUP/ID/point.json     the point: cycle id, cut time, disks
+    points/SOURCE/GROUP/ID/undo/DISKID    before-images, each at its own offset (sparse)
+    points/SOURCE/GROUP/ID/undo/DISKID.map  which blocks it holds (a bitmap)
+
+A retained point costs the blocks that changed after it (up to the next
+retained point), never a copy of its disks; a disk deleted after a point is
+kept whole (its replica file moves into the point). The content of disk D at
+point K is the replica, overwritten by the undo blocks of every retained
+point from the newest down to K: the earliest before-image after K wins.
+
+Pruning point M merges its undo blocks that the next older retained point P
+lacks into P (copying at most M's blocks), then removes M. Both steps are
+idempotent, so a crash anywhere is repaired by pruning again; no retained
+point is ever lost. Capture is made durable before the replica changes and
+is marked in the cycle's journal, so a redone apply never saves new content
+as old.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from vrfs.bitmap import Bitmap
+from vrfs.cycle import DiskEntry
+from vrfs.durable import atomic_write, fsync_dir, remove_tree
+from vrfs.retention import Policy, retained
+from vrfs.testhooks import crash_point
+from vrfs.wire import block_length
+
+FICLONE = 0x40049409  # share a file's extents (XFS, btrfs): a point copied in no time
+
+
+class PointStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.root = state_dir / "points"
+
+    def group_dir(self, source: str, group: str) -> Path:
+        return self.root / source / group
+
+    def ids(self, source: str, group: str) -> list[int]:
+        d = self.group_dir(source, group)
+        if not d.is_dir():
+            return []
+        return sorted(int(p.name) for p in d.iterdir()
+                      if p.name.isdigit() and (p / "point.json").exists())
+
+    def load(self, source: str, group: str, point: int) -> dict:
+        return json.loads((self.group_dir(source, group) / str(point) / "point.json").read_bytes())
+
+    def size(self, source: str, group: str, point: int) -> int:
+        """Bytes the point's undo data takes on disk."""
+        undo = self.group_dir(source, group) / str(point) / "undo"
+        return sum(p.stat().st_blocks * 512 for p in undo.iterdir()) if undo.is_dir() else 0
+
+    # --- capture ---------------------------------------------------------------
+
+    def capture(self, source: str, group: str, point: dict, saves: dict[bytes, tuple[Path, DiskEntry, Bitmap]],
+                ) -> Path:
+        """Save the before-images of a cycle under the point the replica is at.
+
+        ``point`` is the point's JSON (cycle_id, cut_time, disks); ``saves``
+        maps a disk_id to (its replica, its entry at the point, the blocks the
+        cycle changes). Returns the point's directory. Durable on return."""
+        final = self.group_dir(source, group) / str(point["cycle_id"])
+        work = final.with_name(final.name + ".capturing")
+        if final.exists():
+            remove_tree(work)
+            return final  # an earlier try got this far
+        remove_tree(work)
+        (work / "undo").mkdir(parents=True)
+        for disk_id, (replica, entry, blocks) in saves.items():
+            self._save_blocks(replica, entry, blocks, work / "undo" / disk_id.hex())
+        atomic_write(work / "point.json", json.dumps(point).encode())
+        fsync_dir(work / "undo")
+        os.rename(work, final)
+        fsync_dir(final.parent)
+        return final
+
+    @staticmethod
+    def _save_blocks(replica: Path, entry: DiskEntry, blocks: Bitmap, dest: Path) -> None:
+        bs = entry.block_size
+        src = os.open(replica, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.ftruncate(dst, entry.size)
+                saved = Bitmap()
+                for index in blocks:
+                    if index >= entry.block_count:
+                        break
+                    data = os.pread(src, block_length(entry, index), index * bs)
+                    if data.count(0) != len(data):  # zeros stay a hole
+                        os.pwrite(dst, data, index * bs)
+                    saved.set(index)
+                os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        atomic_write(Path(f"{dest}.map"), saved.to_bytes())
+
+    def keep_whole(self, point_dir: Path, disk_id: bytes, replica: Path, entry: DiskEntry, move: bool) -> None:
+        """A disk the cycle deletes: the point keeps its whole replica (moved
+        when nothing else needs it, copied when a new disk starts from it)."""
+        dest = point_dir / "undo" / disk_id.hex()
+        if move:
+            os.replace(replica, dest)
+        else:
+            shutil.copyfile(replica, f"{dest}.tmp")
+            os.replace(f"{dest}.tmp", dest)
+        everything = Bitmap()
+        everything.set_range(0, entry.block_count)
+        atomic_write(Path(f"{dest}.map"), everything.to_bytes())
+        fsync_dir(dest.parent)
+
+    # --- pruning ---------------------------------------------------------------
+
+    def prune(self, source: str, group: str, newest: tuple[int, float], policy: Policy, now: float) -> list[int]:
+        """Remove the points the policy no longer keeps; returns their ids."""
+        ids = self.ids(source, group)
+        cuts = {i: float(self.load(source, group, i)["cut_time"]) for i in ids}
+        keep = retained([(i, c) for i, c in cuts.items()] + [newest], policy, now)
+        pruned = []
+        for point in ids:
+            if point in keep:
+                continue
+            older = [i for i in self.ids(source, group) if i < point]
+            if older:
+                self._merge(source, group, point, older[-1])
+            crash_point("pruning")
+            remove_tree(self.group_dir(source, group) / str(point))
+            pruned.append(point)
+        self._remove_stale(source, group)
+        return pruned
+
+    def _merge(self, source: str, group: str, point: int, into: int) -> None:
+        """Blocks of ``point``'s undo that ``into`` lacks go to ``into``."""
+        src_dir = self.group_dir(source, group) / str(point) / "undo"
+        dst_dir = self.group_dir(source, group) / str(into) / "undo"
+        disks = {d["disk_id"]: d for d in self.load(source, group, into)["disks"]}
+        for data in sorted(src_dir.glob("*.map")):
+            disk_hex = data.name[:-len(".map")]
+            entry = disks.get(disk_hex)
+            if entry is None:
+                continue  # the disk did not exist at the older point
+            theirs = Bitmap(data.read_bytes())
+            ours_map = dst_dir / f"{disk_hex}.map"
+            ours = Bitmap(ours_map.read_bytes()) if ours_map.exists() else Bitmap()
+            bs, size = int(entry["block_size"]), int(entry["size"])
+            count = -(-size // bs)
+            src = os.open(src_dir / disk_hex, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                dst = os.open(dst_dir / disk_hex, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    if os.fstat(dst).st_size < size:
+                        os.ftruncate(dst, size)
+                    for index in theirs:
+                        if index >= count:
+                            break
+                        if ours.test(index):
+                            continue  # the older point's own before-image is the earlier one
+                        length = min(bs, size - index * bs)
+                        block = os.pread(src, length, index * bs)
+                        if block.count(0) != len(block):
+                            os.pwrite(dst, block, index * bs)
+                        ours.set(index)
+                    os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+            atomic_write(ours_map, ours.to_bytes())
+
+    def _remove_stale(self, source: str, group: str) -> None:
+        d = self.group_dir(source, group)
+        if d.is_dir():
+            for p in d.iterdir():
+                if p.name.endswith(".capturing"):
+                    remove_tree(p)
+
+    def remove_group(self, source: str, group: str) -> None:
+        remove_tree(self.group_dir(source, group))
+
+    # --- reading ---------------------------------------------------------------
+
+    def materialize(self, source: str, group: str, point: int, disk: DiskEntry, current: Path | None,
+                    dest: Path) -> None:
+        """Write ``disk`` as of ``point`` to ``dest``: a clone (or copy) of its
+        replica ``current`` (None if the disk was deleted since), overwritten
+        with the undo blocks from the newest retained point down to ``point``."""
+        if current is not None and current.exists():
+            clone(current, dest)
+        else:
+            with open(dest, "wb"):
+                pass
+        fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            for undo_point in reversed([i for i in self.ids(source, group) if i >= point]):
+                undo = self.group_dir(source, group) / str(undo_point) / "undo" / disk.disk_id.hex()
+                if not undo.exists():
+                    continue
+                blocks = Bitmap(Path(f"{undo}.map").read_bytes())
+                src = os.open(undo, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    undo_size = os.fstat(src).st_size
+                    for index in blocks:
+                        offset = index * disk.block_size
+                        if offset >= undo_size:
+                            break
+                        length = min(disk.block_size, undo_size - offset)
+                        data = os.pread(src, length, offset)
+                        os.pwrite(fd, data + bytes(length - len(data)), offset)
+                finally:
+                    os.close(src)
+            os.ftruncate(fd, disk.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def clone(src: Path, dst: Path) -> None:
+    """A copy of ``src`` sharing its extents where the file system can (reflink), else a sparse copy."""
+    from vrfs.store.dirstore import copy_sparse
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.ioctl(dfd, FICLONE, sfd)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.EINVAL, errno.ENOSYS):
+                raise
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
+    copy_sparse(src, dst)
