@@ -140,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--point", metavar="ID", type=int, help="the point (default: the newest)")
     fo.add_argument("--to", metavar="DIR", required=True, help="the datastore to be: a new or empty directory")
 
+    rp = sub.add_parser(
+        "reprotect", help="make an old datastore the seed of replicating back to it",
+        description="At the original site, once it is back after a failover and its `vrfs mount` is "
+                    "stopped: the images of DATASTORE become the seeds of the reverse direction in "
+                    "STORE, with what their state files know (the last acknowledged point, the blocks "
+                    "changed after it). Then `vrfs serve --store STORE` here and `vrfs mount "
+                    "--peer HERE` at the DR site replicate back, and the first cycle moves only the blocks "
+                    "that differ. Failback is the same in the other direction.")
+    rp.add_argument("--datastore", metavar="DIR", required=True, help="the old datastore (not mounted)")
+    rp.add_argument("--store", metavar="URL", required=True, help="the store of the reverse direction, dir:PATH")
+
     r = sub.add_parser(
         "serve", help="receive replication at the DR site",
         description="Accept replication from protected sites and keep each replica at a "
@@ -176,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             from vrfs.verifycmd import verify_main
             return verify_main(args)
-        if args.command in ("points", "test-failover", "failover"):
+        if args.command in ("points", "test-failover", "failover", "reprotect"):
             from vrfs import drcmd
             return {"points": drcmd.points_main, "test-failover": drcmd.test_failover_main,
-                    "failover": drcmd.failover_main}[args.command](args)
+                    "failover": drcmd.failover_main, "reprotect": drcmd.reprotect_main}[args.command](args)
         if args.command == "serve":
             from vrfs.serve import serve_main
             return serve_main(args)

@@ -114,3 +114,22 @@ def failover_main(args) -> int:
     for line in answer["lines"]:
         print(line)
     return 0
+
+
+def reprotect_main(args) -> int:
+    datastore = Path(args.datastore).absolute()
+    try:
+        store = store_from_url(args.store)
+    except StoreError as exc:
+        raise UserError(str(exc), EXIT_USAGE) from None
+    if not store.state_dir.is_dir():
+        try:
+            store.open()  # a new store for the reverse direction
+        except StoreError as exc:
+            raise UserError(str(exc)) from None
+        store.close()
+    answer = _on_store(args.store, {"op": "reprotect", "datastore": str(datastore)},
+                       lambda s: {"lines": recovery.reprotect(s, datastore)})
+    for line in answer["lines"]:
+        print(line)
+    return 0

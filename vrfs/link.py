@@ -16,6 +16,7 @@ import trio
 import xxhash
 
 from vrfs import __version__
+from vrfs.bitmap import Bitmap
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.wire import (
     MAX_BATCH_RECORDS,
@@ -26,6 +27,7 @@ from vrfs.wire import (
     basis_field,
     block_length,
     check_name,
+    decode_bitmap,
     decode_control,
     decode_error,
     decode_hashes,
@@ -71,6 +73,9 @@ class Hashes:
     digests: list[bytes | None]
     size: int
     basis: str
+    # Instead of digests: the blocks that changed at the DR site's copy since
+    # the point the source's disk started from (a reprotect's seed).
+    dirty: Bitmap | None = None
 
 
 def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
@@ -195,7 +200,7 @@ class Link:
                 raise await self._fail(exc, "idle") from exc
 
     async def fetch_hashes(self, group: str, disk: DiskEntry, first: int = 0,
-                           count: int | None = None) -> Hashes | None:
+                           count: int | None = None, lineage_point: int | None = None) -> Hashes | None:
         """The receiver's digests of its copy of ``disk``, blocks [first,
         first + count) (all from ``first`` when count is None; fewer where the
         copy ends), or None if the receiver has no copy."""
@@ -203,6 +208,8 @@ class Link:
         if first or count is not None:
             request["first"] = first
             request["count"] = disk.block_count - first if count is None else count
+        if lineage_point is not None:
+            request["lineage_point"] = lineage_point
         async with self._lock:
             self._usable()
             try:
@@ -221,7 +228,10 @@ class Link:
                                 raise ProtocolError("hash count does not match HASHES_END")
                             basis = basis_field(field(end, "basis", str))
                             assert basis is not None
-                            return Hashes(digests, int_field(end, "size", 0, 1 << 62), basis)
+                            dirty = None
+                            if end.get("dirty") is not None:
+                                dirty = decode_bitmap(field(end, "dirty", str))
+                            return Hashes(digests, int_field(end, "size", 0, 1 << 62), basis, dirty)
                         digests.extend(decode_hashes(frame.payload, first + len(digests)))
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
                 raise await self._fail(exc, "fetching hashes") from exc

@@ -160,11 +160,30 @@ class Receiver:
         disk = disk_from_json(request.get("disk"), group)
         start = int_field(request, "first", 0, 1 << 50) if "first" in request else 0
         wanted = int_field(request, "count", 0, 1 << 50) if "count" in request else None
+        lineage = int_field(request, "lineage_point", 0, (1 << 63) - 1) if "lineage_point" in request else None
         state = await self._run(self.store.load_group, source, group)
         copy = None if state is not None and state.fenced else await self._run(self.store.open_copy, source, group, disk)
         if copy is None:
             await frames.send_control(MsgType.HASHES_END, {"present": False})
             return
+        if lineage is not None and copy.basis.startswith("seed:"):
+            seed = await self._run(self.store.seed_info, disk.disk_id)
+            if seed and isinstance(seed.get("point"), int) and seed["point"] <= lineage \
+                    and seed.get("dirty") is not None:
+                # A reprotect's seed: the old source's image, which held its
+                # point P plus the blocks in ``dirty`` (everything written after
+                # P: checkpoint and hot extents). The source's disk started at
+                # point K >= P of the same lineage; every cycle from P to K was
+                # made of writes after P, so they are in ``dirty`` too. What
+                # differs is what changed on either side: the source knows its
+                # side, here is ours, and no block is read.
+                os.close(copy.fd)
+                await frames.send_control(MsgType.HASHES_END, {
+                    "present": True, "blocks": 0, "size": copy.size, "basis": copy.basis,
+                    "dirty": seed["dirty"]})
+                log.info("%s/%s: %s: seed at point %d, the source started at %d: only the blocks changed "
+                         "since are sent", source, group, disk.path, seed["point"], lineage)
+                return
         try:
             end = math.ceil(copy.size / disk.block_size)
             if wanted is not None:

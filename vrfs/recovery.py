@@ -22,6 +22,7 @@ points as undo data when `vrfs serve --retain` asks for them
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -37,7 +38,8 @@ from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
 from vrfs.store.points import clone
 from vrfs.store.journal import Journal
-from vrfs.tracker import DEFAULT_EXTENT_SIZE
+from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
+from vrfs.wire import encode_bitmap
 
 TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it, for --cleanup
 
@@ -117,8 +119,13 @@ def _settled(store: Store, source: str, group: str) -> GroupState:
     return state
 
 
-def _empty_target(to: Path) -> None:
-    if to.exists() and (not to.is_dir() or any(to.iterdir())):
+def _empty_target(to: Path, datastore_ok: bool = False) -> None:
+    """``to`` must be absent or empty (or, for a failover, a datastore without
+    disks: the old one, emptied by a reprotect)."""
+    if not to.exists():
+        return
+    entries = [p.name for p in to.iterdir()] if to.is_dir() else None
+    if entries is None or (entries and not (datastore_ok and entries == [".vrfs"])):
         raise UserError(f"{to} exists and is not an empty directory")
 
 
@@ -230,7 +237,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         raise UserError(f"{source}/{group} is being failed over to {state.fenced.get('to')}; "
                         "run the same command again to finish it")
     if not resuming:
-        _empty_target(to)
+        _empty_target(to, datastore_ok=True)
     newest = _settled(store, source, group)
     if not resuming:
         _check_intact(store, source, newest)
@@ -274,6 +281,111 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}); `vrfs mount {to}` "
                  "serves it, tracking from that point")
     return lines
+
+
+# ---------------------------------------------------------------- reprotect
+
+def reprotect(store: Store, datastore: Path) -> list[str]:
+    """The images of a datastore that is no longer served (the old site, after
+    a failover) become the seeds of the reverse direction in ``store``, each
+    with what its state file knows: the last point its source had
+    acknowledged, and the blocks changed after it. A disk failed over at that
+    very point then costs only the blocks changed on either side since."""
+    dstore = _dir_store(store)
+    meta = datastore / STATE_DIR_NAME
+    if not meta.is_dir():
+        raise UserError(f"{datastore} is not a vrfs datastore (no {meta})")
+    _not_served(datastore)
+    seeds = dstore.seed_dir()
+    seeds.mkdir(exist_ok=True)
+    lines, seeded = [], set()
+    for disk in _tracked(datastore):
+        path = disk.path
+        disk_id = disk.disk_id
+        image = datastore / path
+        target = seeds / disk_id.hex()
+        info = {"path": path, "size": disk.size, "point": None, "dirty": None}
+        if not disk.needs_full_sync and disk.last_ack_cycle:
+            # What the tracker recovers, after a clean stop or a crash alike:
+            # the checkpoint and every block of an extent that was hot.
+            info["point"], info["dirty"] = disk.last_ack_cycle, encode_bitmap(disk.dirty().to_bytes())
+        atomic_write(seeds / f"{disk_id.hex()}.json", json.dumps(info).encode())
+        try:
+            os.rename(image, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            copy_sparse(image, target)
+            os.unlink(image)
+        seeded.add(disk_id)
+        if info["point"] is not None:
+            lines.append(f"{path}: seed of the reverse direction, at point {info['point']} "
+                         f"with {disk.dirty().count()} blocks changed after it")
+        else:
+            lines.append(f"{path}: seed of the reverse direction ({disk.reason or 'never replicated'}: "
+                         "it is compared block by block)")
+        (meta / "state" / f"{disk.ino}.psf").unlink(missing_ok=True)
+    fsync_dir(seeds)
+    _remove_empty_dirs(datastore)
+    for src, grp, state in store.groups():
+        if state.fenced and any(d.disk_id in seeded for d in state.disks):
+            dstore.forget_group(src, grp)
+            lines.append(f"{src}/{grp}: its fence is lifted; its disks come back through the seeds")
+    if not lines:
+        raise UserError(f"{datastore} holds no disk images")
+    lines.append(f"now `vrfs serve --store {store.url}` here, and `vrfs mount DATASTORE --peer THIS-HOST:PORT "
+                 "--name NAME` where the VMs run: the first cycle moves only what differs")
+    return lines
+
+
+STATE_DIR_NAME = ".vrfs"
+
+
+def _remove_empty_dirs(datastore: Path) -> None:
+    """The VMs' directories emptied by a reprotect: a failback may then use the datastore again."""
+    for root, dirs, files in os.walk(datastore, topdown=False):
+        path = Path(root)
+        if path == datastore or STATE_DIR_NAME in path.relative_to(datastore).parts:
+            continue
+        try:
+            path.rmdir()
+        except OSError:
+            pass  # not empty: something else lives there
+
+
+def _not_served(datastore: Path) -> None:
+    try:
+        fd = os.open(datastore / STATE_DIR_NAME / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise UserError(f"cannot check {datastore}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UserError(f"{datastore} is served by vrfs mount: stop it first (`vrfs umount`)") from None
+    finally:
+        os.close(fd)
+
+
+def _tracked(datastore: Path) -> list:  # type: ignore[type-arg]
+    """The datastore's disks as its tracker recovers them (vrfs/tracker.py), read only."""
+    try:
+        config = json.loads((datastore / STATE_DIR_NAME / "datastore.json").read_bytes())
+        block_size, extent_size = int(config["block_size"]), int(config["extent_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{datastore}: cannot read its settings ({exc})") from None
+    root_fd = os.open(datastore, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        state_fd = os.open(datastore / STATE_DIR_NAME / "state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        os.close(root_fd)
+        raise UserError(f"{datastore} has no tracking state") from None
+    try:
+        tracker = Tracker(state_fd, root_fd, block_size, extent_size)
+        tracker.load()
+        return sorted(tracker.disks.values(), key=lambda d: d.path)
+    finally:
+        os.close(state_fd)
+        os.close(root_fd)
 
 
 def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_size: int) -> None:

@@ -123,6 +123,11 @@ class RecoveryRequests:
             if op == "points":
                 return {"points": await trio.to_thread.run_sync(
                     recovery.list_points, self.store, request.get("source"), request.get("group"))}
+            if op == "reprotect":
+                datastore = Path(str(request.get("datastore")))
+                if not datastore.is_absolute():
+                    return {"error": "bad request"}
+                return {"lines": await trio.to_thread.run_sync(recovery.reprotect, self.store, datastore)}
             if op in ("failover", "test-failover"):
                 source = check_name(request.get("source"), "source name")
                 group = check_name(request.get("group"), "group")

@@ -30,6 +30,7 @@ log = logging.getLogger("vrfs.shipper")
 DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
+LINEAGE_FILE = "lineage.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 FENCED_RETRY = 60.0  # seconds between tries of a group that the DR site fenced (failed over)
 IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that the link is still up
@@ -59,6 +60,7 @@ class Shipper:
         self.refused: dict[str, tuple[float, float, str]] = {}
         self.fenced: set[str] = set()  # groups failed over at the DR site
         self.store_id = self._load_peer()
+        self.lineage = self._load_lineage()  # disk_id -> the point a failover started it from
 
     # ------------------------------------------------------------ the loop
 
@@ -271,8 +273,25 @@ class Shipper:
         st = os.stat(disk.path, dir_fd=self.root_fd, follow_symlinks=False)
         entry = DiskEntry(disk.disk_id, disk.path, st.st_size, disk.block_size)
         total = entry.block_count
-        log.info("%s: full sync: comparing %d blocks", disk.path, total)
         disk.sync_progress = 0.0
+        point = self.lineage.get(disk.disk_id)
+        if point is not None and not disk.needs_full_sync:
+            # This disk started at a point of its own replica's lineage (a
+            # failover) and its tracking since is whole: if the DR site holds
+            # a copy at that very point, the blocks changed on either side are
+            # all that can differ, and nothing needs hashing.
+            theirs = await link.fetch_hashes(disk.group, entry, lineage_point=point)
+            if theirs is not None and theirs.dirty is not None:
+                # Ours ship anyway; theirs (a superset: whole hot extents) are
+                # compared, and only those that differ are marked.
+                candidates = [i for i in theirs.dirty if i < total and not disk.active.test(i)]
+                differing = await self._compare_blocks(link, disk, entry, candidates)
+                disk.basis = theirs.basis
+                self._scanned(disk)
+                log.info("%s: full sync from point %d: %d blocks changed here, %d of %d changed there differ",
+                         disk.path, point, disk.active.count() - differing, differing, len(candidates))
+                return
+        log.info("%s: full sync: comparing %d blocks", disk.path, total)
         fd = self._open_for_cut(disk)
         copy = Copy(fd=fd, size=st.st_size, sparse=True)
         ours: list[bytes | None] = []
@@ -307,12 +326,41 @@ class Shipper:
         finally:
             os.close(fd)
         disk.basis = theirs.basis if theirs is not None else None
+        self._scanned(disk)
+        log.info("%s: full sync: %d of %d blocks %s", disk.path, differing, total,
+                 "hold data (no copy at the DR site)" if theirs is None else "differ")
+
+    async def _compare_blocks(self, link: Link, disk: Disk, entry: DiskEntry, blocks: list[int]) -> int:
+        """Compare only ``blocks`` (ascending) with the receiver's copy, a run at a time; mark those that differ."""
+        differing = 0
+        fd = self._open_for_cut(disk)
+        try:
+            copy = Copy(fd=fd, size=entry.size, sparse=True)
+            pos = 0
+            while pos < len(blocks):
+                end = pos + 1
+                while end < len(blocks) and blocks[end] - blocks[end - 1] <= 8 and blocks[end] - blocks[pos] < 4096:
+                    end += 1
+                first, count = blocks[pos], blocks[end - 1] - blocks[pos] + 1
+                theirs = await link.fetch_hashes(disk.group, entry, first, count)
+                ours = await trio.to_thread.run_sync(hash_blocks, copy, disk.block_size, first, count,
+                                                     limiter=self.limiter)
+                digests = theirs.digests if theirs is not None else []
+                for index in blocks[pos:end]:
+                    k = index - first
+                    if ours[k] != (digests[k] if k < len(digests) else None):
+                        disk.active.set(index)
+                        differing += 1
+                pos = end
+        finally:
+            os.close(fd)
+        return differing
+
+    def _scanned(self, disk: Disk) -> None:
         disk.sync_progress = 1.0
         disk.changed = True
         disk.full_sync_scanned = True
         self.tracker.note_change(disk.group)
-        log.info("%s: full sync: %d of %d blocks %s", disk.path, differing, total,
-                 "hold data (no copy at the DR site)" if theirs is None else "differ")
 
     # ----------------------------------------------------------- status
 
@@ -357,6 +405,18 @@ class Shipper:
                 return str(json.load(f).get("store_id", ""))
         except (OSError, ValueError, AttributeError):
             return ""
+
+    def _load_lineage(self) -> dict[bytes, int]:
+        """From .vrfs/lineage.json, written by `vrfs failover` (vrfs/recovery.py)."""
+        try:
+            fd = os.open(LINEAGE_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.vrfs_fd)
+            with os.fdopen(fd) as f:
+                return {bytes.fromhex(k): int(v["point"]) for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.warning("ignoring a damaged %s: %s", LINEAGE_FILE, exc)
+            return {}
 
     def _save_peer(self) -> None:
         write_atomically(self.vrfs_fd, PEER_FILE, json.dumps({"store_id": self.store_id}).encode())

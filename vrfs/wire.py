@@ -9,11 +9,13 @@ are plain functions: callers run them in worker threads.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
 import struct
 import threading
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -22,6 +24,7 @@ import trio
 import xxhash
 import zstandard
 
+from vrfs.bitmap import Bitmap
 from vrfs.cycle import (
     MAX_BLOCK_SIZE,
     MAX_DISK_SIZE,
@@ -262,6 +265,27 @@ def decode_disk_id(text: Any) -> bytes:
         return bytes.fromhex(text)
     except ValueError:
         raise ProtocolError("disk_id must be 32 hex digits") from None
+
+
+MAX_BITMAP_TEXT = MAX_CONTROL_PAYLOAD - 1024
+
+
+def encode_bitmap(bits: bytes) -> str:
+    return base64.b64encode(zlib.compress(bits)).decode()
+
+
+def decode_bitmap(text: str) -> Bitmap:
+    """A block bitmap sent as base64 of zlib (a 2 TiB disk's 4 MiB bitmap of few changes is small)."""
+    if len(text) > MAX_BITMAP_TEXT:
+        raise ProtocolError("bitmap too large")
+    try:
+        z = zlib.decompressobj()
+        raw = z.decompress(base64.b64decode(text, validate=True), 64 << 20)
+        if z.unconsumed_tail:
+            raise ProtocolError("bitmap decompresses beyond its bound")
+    except (ValueError, zlib.error) as exc:
+        raise ProtocolError(f"bad bitmap: {exc}") from None
+    return Bitmap(raw)
 
 
 def disk_ids(value: Any) -> set[bytes]:

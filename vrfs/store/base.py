@@ -242,6 +242,8 @@ class Store(ABC):
         known = state.by_id().get(disk.disk_id) if state else None
         if known is None and state is not None:
             known = next((d for d in state.disks if d.path == disk.path), None)
+        if known is None and not self.occupied(source, disk.path):
+            self.place_seed(source, disk)
         copy = self.open_copy_at(source, disk, known)
         if copy is None:
             return None
@@ -367,6 +369,24 @@ class Store(ABC):
         remove_tree(limbo)
         self.prune(source, header.group, state)
         return state
+
+    # --- seeds of the reverse direction (vrfs reprotect) ---------------------
+
+    def seed_dir(self) -> Path:
+        return self.state_dir / "seeds"
+
+    def seed_info(self, disk_id: bytes) -> dict | None:
+        """What `vrfs reprotect` knew of a disk it made a seed of: the point it
+        was at (the last acknowledged one of its old source) and the blocks
+        changed after it there (base64 bitmap, or None if unknown)."""
+        try:
+            return json.loads((self.seed_dir() / f"{disk_id.hex()}.json").read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def place_seed(self, source: str, disk: DiskEntry) -> None:
+        """A seed that reprotect left for this disk (by its identity) goes to
+        the disk's path, where a full sync finds and compares it."""
 
     # --- older points (retention, vrfs/store/points.py) ---------------------
 
