@@ -119,15 +119,19 @@ class Generator:
         r = self.rng
         self.lenient = False
         faults = {k: w for k, w in FAULT_WEIGHTS.items() if k in self.allowed}
-        if faults and r.random() < FAULT_PROBABILITY:
+        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        # With only fault kinds allowed (VRFS_INTEGRITY_KINDS=kill-mount),
+        # every step is a fault.
+        if faults and (not ops or r.random() < FAULT_PROBABILITY):
             for _ in range(20):
                 label = r.choices(list(faults), list(faults.values()))[0]
                 got = getattr(self, "f_" + label.replace("-", "_"))()
                 if got is not None:
-                    ops, self.lenient = got
-                    yield from ops
+                    fault_ops, self.lenient = got
+                    yield from fault_ops
                     return
-        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        if not ops:
+            return
         for i in range(r.choice([1, 1, 2, 3])):
             if i and r.random() < 0.25:  # let a cut fall between two operations
                 yield Op("sleep", {"seconds": round(r.uniform(0.3, 1.2), 2)})
@@ -446,7 +450,11 @@ def _allowed(include_broken: bool) -> set[str]:
     kinds = os.environ.get("VRFS_INTEGRITY_KINDS", "").strip()
     allowed = set(OP_WEIGHTS) | set(FAULT_WEIGHTS)
     if kinds:
-        allowed &= {k.strip() for k in kinds.split(",")}
+        wanted = {k.strip() for k in kinds.split(",") if k.strip()}
+        unknown = wanted - allowed
+        if unknown:  # a typo would otherwise leave nothing to choose
+            raise ValueError(f"VRFS_INTEGRITY_KINDS: unknown kinds {sorted(unknown)}")
+        allowed &= wanted
     if not include_broken and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
         allowed -= KNOWN_BROKEN
     return allowed
