@@ -624,11 +624,38 @@ MINIMAL = {
         _new("vm1/a.raw", MiB, 1), _new("vm2/b.raw", MiB, 2), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
         _fault("remount", "remount"), _write("vm1/c.raw", 0, 1000, 3), "check"]),
+    # Seed 21 (60 steps), step 52. Without its state file the disk is found
+    # again under its first name (vm1/c.raw) and full-syncs in group vm1; vm2
+    # gets no cycle, so its replica keeps b.raw while status says in sync.
+    "lost-state-of-a-hard-linked-disk-named-in-two-groups": ("lost-state-one", [
+        _new("vm1/a.raw", BS, 1), _new("vm2/b.raw", MiB, 2), _new("vm2/other.raw", BS, 3), "check",
+        Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
+        _fault("lost_state", "lost-state-one", path="vm2/b.raw"), "check"]),
+}
+
+# Minimal cases that still fail: strict xfail (an unexpected pass means the
+# fix landed: move the case out of here). VRFS_INTEGRITY_ALL=1 runs them as
+# plain tests.
+MINIMAL_BROKEN: dict[str, str] = {
+    "lost-state-of-a-hard-linked-disk-named-in-two-groups":
+        "vrfs/tracker.py Tracker.load: a hard-linked disk without a usable state file is "
+        "found again under min(names); when that name is in another group, the group "
+        "it replicated in gets no cycle and its replica keeps the old name",
 }
 
 
+def _minimal_params() -> list:
+    out = []
+    for case in MINIMAL:
+        marks = []
+        if case in MINIMAL_BROKEN and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
+            marks.append(pytest.mark.xfail(reason=MINIMAL_BROKEN[case], strict=True))
+        out.append(pytest.param(case, marks=marks, id=case))
+    return out
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("case", list(MINIMAL))
+@pytest.mark.parametrize("case", _minimal_params())
 def test_integrity_minimal(tmp_path, case, say):
     label, seq = MINIMAL[case]
     if label in KNOWN_BROKEN and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
