@@ -545,11 +545,19 @@ class Rig:
             time.sleep(0.1)
         self.checks["bytes_compared"] += sum(len(d) for d in {id(d): d for d in self.model.files.values()}.values())
         self.checks["files_compared"] += len(self.model.objects())
-        # The command line says the same.
-        cli = json.loads(vrfs("status", str(self.mnt), "--json").stdout)
-        bad = self._status_problems({"disks": cli})
-        if bad:
-            raise CheckFailed("vrfs status --json disagrees after convergence:\n" + "\n".join(bad))
+        # The command line says the same. It reads status a moment later: a
+        # link whose receiver was just killed may only now be seen to have
+        # dropped (the disks then show "disconnected" until the shipper is
+        # back), so it gets until the deadline, and at least 10 s, to agree.
+        deadline = max(deadline, time.monotonic() + 10)
+        while True:
+            cli = json.loads(vrfs("status", str(self.mnt), "--json").stdout)
+            bad = self._status_problems({"disks": cli})
+            if not bad:
+                break
+            if time.monotonic() > deadline:
+                raise CheckFailed("vrfs status --json disagrees after convergence:\n" + "\n".join(bad))
+            time.sleep(0.2)
 
     def check(self, lenient: bool = False) -> None:
         self.check_source()

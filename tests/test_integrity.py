@@ -119,15 +119,19 @@ class Generator:
         r = self.rng
         self.lenient = False
         faults = {k: w for k, w in FAULT_WEIGHTS.items() if k in self.allowed}
-        if faults and r.random() < FAULT_PROBABILITY:
+        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        # With only fault kinds allowed (VRFS_INTEGRITY_KINDS=kill-mount),
+        # every step is a fault.
+        if faults and (not ops or r.random() < FAULT_PROBABILITY):
             for _ in range(20):
                 label = r.choices(list(faults), list(faults.values()))[0]
                 got = getattr(self, "f_" + label.replace("-", "_"))()
                 if got is not None:
-                    ops, self.lenient = got
-                    yield from ops
+                    fault_ops, self.lenient = got
+                    yield from fault_ops
                     return
-        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        if not ops:
+            return
         for i in range(r.choice([1, 1, 2, 3])):
             if i and r.random() < 0.25:  # let a cut fall between two operations
                 yield Op("sleep", {"seconds": round(r.uniform(0.3, 1.2), 2)})
@@ -446,7 +450,11 @@ def _allowed(include_broken: bool) -> set[str]:
     kinds = os.environ.get("VRFS_INTEGRITY_KINDS", "").strip()
     allowed = set(OP_WEIGHTS) | set(FAULT_WEIGHTS)
     if kinds:
-        allowed &= {k.strip() for k in kinds.split(",")}
+        wanted = {k.strip() for k in kinds.split(",") if k.strip()}
+        unknown = wanted - allowed
+        if unknown:  # a typo would otherwise leave nothing to choose
+            raise ValueError(f"VRFS_INTEGRITY_KINDS: unknown kinds {sorted(unknown)}")
+        allowed &= wanted
     if not include_broken and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
         allowed -= KNOWN_BROKEN
     return allowed
@@ -616,11 +624,38 @@ MINIMAL = {
         _new("vm1/a.raw", MiB, 1), _new("vm2/b.raw", MiB, 2), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
         _fault("remount", "remount"), _write("vm1/c.raw", 0, 1000, 3), "check"]),
+    # Seed 21 (60 steps), step 52. Without its state file the disk is found
+    # again under its first name (vm1/c.raw) and full-syncs in group vm1; vm2
+    # gets no cycle, so its replica keeps b.raw while status says in sync.
+    "lost-state-of-a-hard-linked-disk-named-in-two-groups": ("lost-state-one", [
+        _new("vm1/a.raw", BS, 1), _new("vm2/b.raw", MiB, 2), _new("vm2/other.raw", BS, 3), "check",
+        Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
+        _fault("lost_state", "lost-state-one", path="vm2/b.raw"), "check"]),
+}
+
+# Minimal cases that still fail: strict xfail (an unexpected pass means the
+# fix landed: move the case out of here). VRFS_INTEGRITY_ALL=1 runs them as
+# plain tests.
+MINIMAL_BROKEN: dict[str, str] = {
+    "lost-state-of-a-hard-linked-disk-named-in-two-groups":
+        "vrfs/tracker.py Tracker.load: a hard-linked disk without a usable state file is "
+        "found again under min(names); when that name is in another group, the group "
+        "it replicated in gets no cycle and its replica keeps the old name",
 }
 
 
+def _minimal_params() -> list:
+    out = []
+    for case in MINIMAL:
+        marks = []
+        if case in MINIMAL_BROKEN and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
+            marks.append(pytest.mark.xfail(reason=MINIMAL_BROKEN[case], strict=True))
+        out.append(pytest.param(case, marks=marks, id=case))
+    return out
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("case", list(MINIMAL))
+@pytest.mark.parametrize("case", _minimal_params())
 def test_integrity_minimal(tmp_path, case, say):
     label, seq = MINIMAL[case]
     if label in KNOWN_BROKEN and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
