@@ -636,12 +636,7 @@ MINIMAL = {
 # Minimal cases that still fail: strict xfail (an unexpected pass means the
 # fix landed: move the case out of here). VRFS_INTEGRITY_ALL=1 runs them as
 # plain tests.
-MINIMAL_BROKEN: dict[str, str] = {
-    "lost-state-of-a-hard-linked-disk-named-in-two-groups":
-        "vrfs/tracker.py Tracker.load: a hard-linked disk without a usable state file is "
-        "found again under min(names); when that name is in another group, the group "
-        "it replicated in gets no cycle and its replica keeps the old name",
-}
+MINIMAL_BROKEN: dict[str, str] = {}
 
 
 def _minimal_params() -> list:

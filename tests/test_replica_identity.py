@@ -257,3 +257,22 @@ def test_unappliable_cycle_is_reported_for_its_group_and_dropped_with_its_disk(
     assert {d["state"] for d in store_status(site).values()} == {"ok"}
     assert not list((fs / "store/.vrfs/journal").rglob("commit.json"))
 
+
+
+def test_disks_deleted_while_unmounted_leave_the_dr_site_too(site: Site) -> None:
+    """Nothing tracks a deletion made while the datastore is not mounted: every
+    group ships its namespace at the next connection, even one left empty."""
+    for group in ("vm1", "vm2"):
+        (site.mnt / group).mkdir()
+        write_random(site.mnt / group / "a.raw", MiB, 12)
+    write_random(site.mnt / "vm1/b.raw", MiB, 13)
+    site.wait_converged("before")
+    site.mount.umount()
+    os.unlink(site.src / "vm1/b.raw")
+    os.unlink(site.src / "vm2/a.raw")
+    site.start_mount()
+    deadline = time.monotonic() + 40
+    while site.replica("vm2/a.raw").exists() or site.replica("vm1/b.raw").exists():
+        assert time.monotonic() < deadline, site.mount.log()[-2000:]
+        time.sleep(0.2)
+    site.wait_converged("after deletions made while unmounted")

@@ -109,6 +109,12 @@ class Shipper:
                 self.points[group] = {"id": point, "cut_time": None}
         for group, ids in link.resync.items():
             self._resync(group, ids, "the DR site's replica is missing or damaged")
+        # Every group ships its namespace once per connection, changed or not:
+        # what changed while nothing was tracking (files deleted or replaced
+        # while unmounted, a disk found again under a name in another group)
+        # reaches the DR site even for a group without a write, or without disks.
+        for group in set(link.points) | {d.group for d in self.tracker.disks.values()}:
+            self.tracker.note_change(group)
         for disk in self.tracker.disks.values():
             if disk.last_ack_cycle > link.points.get(disk.group, 0):
                 log.warning("%s: the receiver lost points (has %d, had acknowledged %d): full sync",
