@@ -72,3 +72,22 @@ def test_bench_verify_quick(tmp_path: Path) -> None:
     assert data["verify_MBps"] > 0 and data["bare_MBps"] > 0
     assert _mounts() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("rsync") is None or not os.path.exists("/dev/fuse"),
+                    reason="needs root, rsync and /dev/fuse")
+def test_bench_recovery_quick(tmp_path: Path) -> None:
+    before = _mounts()
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(REPO / "scripts" / "bench-recovery"), "--quick", "--dir", str(tmp_path),
+                             "--json", str(out)], capture_output=True, text=True, timeout=580, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["reprotect"]] == ["vrfs", "checksum", "rsync -B64K"]
+    vrfs_row = data["reprotect"][0]
+    assert vrfs_row["wire"] <= 1.5 * vrfs_row["differing"], vrfs_row
+    assert len(data["test_failover"]) == 2
+    assert _mounts() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
