@@ -145,3 +145,59 @@ def test_operator_mistakes_get_one_line(site: Site, tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "a").exists()
     site.wait_converged("nothing changed")
+
+
+def test_test_failover_of_an_older_point_of_an_ext4_and_a_qcow2_disk(tmp_path, mount_factory, stack) -> None:
+    """A VM of an ext4 file system (through a loop device) and a qcow2 image
+    (qemu-io -t none): the images of an older, kept point are what the source
+    held at that cut (copied then), and its file system checks clean."""
+    from servehelpers import losetup, losetup_detach
+    site = Site(tmp_path, mount_factory, stack)
+    site.server.args = ("--retain", "1h:1s")
+    site.serve().start_mount()
+    (site.mnt / "vm1").mkdir()
+    raw, qcow = site.mnt / "vm1/fs.raw", site.mnt / "vm1/data.qcow2"
+    run("truncate", "-s", "64M", str(raw))
+    run("qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "64M")
+    fsmnt = tmp_path / "fs"
+    fsmnt.mkdir()
+
+    def use_fs(tag: str) -> None:
+        loop = losetup(raw)
+        try:
+            if tag == "one":
+                run("mkfs.ext4", "-q", "-F", loop)
+            run("mount", loop, str(fsmnt))
+            try:
+                for i in range(20):
+                    (fsmnt / f"{tag}-{i}").write_bytes(os.urandom(30_000 + i * 1000))
+            finally:
+                run("umount", str(fsmnt))
+        finally:
+            losetup_detach(loop)
+        run("qemu-io", "-t", "none", "-f", "qcow2", "-c",
+            f"write -P {0x20 + len(tag)} {len(tag)}M 512k", str(qcow))
+
+    use_fs("one")
+    site.wait_converged("first state")
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for p in (raw, qcow):
+        run("cp", "--sparse=always", str(site.src / "vm1" / p.name), str(kept / p.name))
+    point = site.status()["vm1/fs.raw"]["last_point"]["id"]
+    time.sleep(1.5)
+    use_fs("three")  # the source moves on
+    site.wait_converged("second state")
+    assert site.status()["vm1/fs.raw"]["last_point"]["id"] > point
+
+    to = tmp_path / "test"
+    vrfs("test-failover", "--store", site.store_url, "hv1/vm1", "--point", str(point), "--to", str(to))
+    for name in ("fs.raw", "data.qcow2"):
+        run("qemu-img", "compare", "-q", str(to / "vm1" / name), str(kept / name))
+    raw_to = tmp_path / "test-raw"
+    vrfs("test-failover", "--store", site.store_url, "hv1/vm1", "--point", str(point), "--to", str(raw_to),
+         "--format", "raw")
+    run("e2fsck", "-fn", str(raw_to / "vm1/fs.raw"))
+    assert sha(raw_to / "vm1/fs.raw") == sha(kept / "fs.raw")
+    for d in (to, raw_to):
+        vrfs("test-failover", "--cleanup", str(d))
