@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import vrfs
+from servehelpers import Server
 from sitehelpers import BS, MiB, Site, run, sha
 
 pytestmark = [
@@ -201,3 +202,35 @@ def test_test_failover_of_an_older_point_of_an_ext4_and_a_qcow2_disk(tmp_path, m
     assert sha(raw_to / "vm1/fs.raw") == sha(kept / "fs.raw")
     for d in (to, raw_to):
         vrfs("test-failover", "--cleanup", str(d))
+
+
+async def test_a_source_whose_disk_history_diverged_is_refused(tmp_path) -> None:
+    """Split brain: the store holds generation g1 of a disk (written by the
+    site that took over after a failover); the old site's copy, still in g0,
+    is refused as diverged, with one log line naming both, and nothing changes."""
+    import dataclasses
+
+    from servehelpers import aiter_blocks, connect, disk, header
+    from vrfs.link import CycleRefused
+    store = tmp_path / "store"
+    server = Server(f"dir:{store}", tmp_path / "serve.log")
+    try:
+        server.start()
+        link = await connect(server, "siteb")
+        new = dataclasses.replace(disk(1, "vm1/a.raw", BS), history=("01" * 16, "g1"))
+        await link.send_cycle(dataclasses.replace(header("vm1", 1, new), full_sync={new.disk_id: None}),
+                              aiter_blocks([(0, 0, b"N" * BS)]))
+        old = dataclasses.replace(new, history=("01" * 16,))
+        with pytest.raises(CycleRefused, match="diverged") as refused:
+            await link.send_cycle(header("vm1", 2, old), aiter_blocks([(0, 0, b"O" * BS)]))
+        assert refused.value.diverged and refused.value.fenced
+        assert (store / "siteb/vm1/a.raw").read_bytes() == b"N" * BS
+        line = [x for x in server.log().splitlines() if "diverged" in x]
+        assert len(line) == 1 and "g1" in line[0] and "0101" in line[0], line
+        # Its own next generation is taken.
+        newer = dataclasses.replace(new, history=("01" * 16, "g1", "g2"))
+        await link.send_cycle(header("vm1", 2, newer), aiter_blocks([(0, 0, b"M" * BS)]))
+        assert (store / "siteb/vm1/a.raw").read_bytes() == b"M" * BS
+        await link.aclose()
+    finally:
+        server.stop()

@@ -16,6 +16,7 @@ MAX_BLOCK_SIZE = 1 << 20
 MAX_DISK_SIZE = 1 << 50  # 1 PiB: anything larger is a corrupt or hostile header
 MAX_PATH_BYTES = 4096
 MAX_DISKS_PER_GROUP = 4096
+MAX_HISTORY = 64  # generations a disk entry carries (the newest ones)
 
 
 class BadPath(ValueError):
@@ -77,6 +78,10 @@ class DiskEntry:
     path: str  # relative to the datastore, first component == group
     size: int  # bytes, at the cut
     block_size: int
+    # The disk's generations, oldest first: a failover starts a new one. A
+    # receiver takes cycles only from a source whose history contains the
+    # generation it holds (split brain: an old copy that lives on diverged).
+    history: tuple[str, ...] = ()
 
     @property
     def block_count(self) -> int:

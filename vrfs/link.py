@@ -57,11 +57,13 @@ class CycleRefused(Exception):
     (missing, damaged, or not the copy the source compared against): they
     need a full sync. ``point`` is the group's committed point there."""
 
-    def __init__(self, message: str, resync: set[bytes], point: int | None, fenced: bool = False) -> None:
+    def __init__(self, message: str, resync: set[bytes], point: int | None, fenced: bool = False,
+                 diverged: bool = False) -> None:
         super().__init__(message)
         self.resync = resync
         self.point = point
-        self.fenced = fenced  # the group was failed over at the DR site
+        self.fenced = fenced or diverged  # failed over at the DR site, or split brain: ask rarely
+        self.diverged = diverged
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,7 @@ class Link:
             else:
                 self.points[header.group] = point
             raise CycleRefused(str(reply.get("message", "refused"))[:1000], disk_ids(reply.get("resync")), point,
-                               reply.get("fenced") is True)
+                               reply.get("fenced") is True, reply.get("diverged") is True)
         if reply.get("group") != header.group or reply.get("cycle_id") != header.cycle_id:
             raise ProtocolError("COMMITTED does not match the cycle sent")
         self.points[header.group] = header.cycle_id

@@ -22,7 +22,7 @@ from vrfs import __version__
 from vrfs.cycle import CycleHeader
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
-from vrfs.store.base import ApplyFailed, Fenced, Refusal, hash_blocks
+from vrfs.store.base import ApplyFailed, Diverged, Fenced, Refusal, hash_blocks
 from vrfs.store.journal import Journal
 from vrfs.testhooks import crash_point
 from vrfs.wire import (
@@ -295,7 +295,7 @@ class Receiver:
         await frames.send_control(MsgType.CYCLE_REFUSED, {
             "group": header.group, "cycle_id": header.cycle_id, "message": str(refusal)[:1000],
             "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0,
-            "fenced": isinstance(refusal, Fenced)})
+            "fenced": isinstance(refusal, Fenced), "diverged": isinstance(refusal, Diverged)})
 
     async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> None:
         """Receive the cycle's batches into the journal and commit it once the manifest checks out."""

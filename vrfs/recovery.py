@@ -28,9 +28,10 @@ import os
 import stat
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
-from vrfs.cycle import DiskEntry
+from vrfs.cycle import MAX_HISTORY, DiskEntry
 from vrfs.durable import atomic_write, fsync_dir
 from vrfs.errors import UserError
 from vrfs.statefile import DiskState
@@ -396,11 +397,15 @@ def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_s
     config = meta / "datastore.json"
     if not config.exists():
         atomic_write(config, json.dumps({"block_size": block_size, "extent_size": DEFAULT_EXTENT_SIZE}).encode())
-    lineage_file = meta / "lineage.json"
+    lineage_file, generations_file = meta / "lineage.json", meta / "generations.json"
     try:
         lineage = json.loads(lineage_file.read_bytes())
     except FileNotFoundError:
         lineage = {}
+    try:
+        generations = json.loads(generations_file.read_bytes())
+    except FileNotFoundError:
+        generations = {}
     for disk in state.disks:
         st = os.lstat(to / disk.path)
         if not stat.S_ISREG(st.st_mode):
@@ -408,7 +413,11 @@ def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_s
         atomic_write(meta / "state" / f"{st.st_ino}.psf", _clean_state(disk, st).encode())
         lineage[disk.disk_id.hex()] = {"source": source, "group": group, "path": disk.path,
                                        "point": state.cycle_id, "cut_time": state.cut_time}
+        # A new generation: the copy left at the old site stays in the old one.
+        history = list(disk.history or (disk.disk_id.hex(),))
+        generations[disk.disk_id.hex()] = (history + [uuid.uuid4().hex])[-MAX_HISTORY:]
     atomic_write(lineage_file, json.dumps(lineage, indent=1).encode())
+    atomic_write(generations_file, json.dumps(generations, indent=1).encode())
 
 
 def _clean_state(disk: DiskEntry, st: os.stat_result) -> DiskState:

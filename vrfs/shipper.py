@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
@@ -31,6 +31,7 @@ DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
 LINEAGE_FILE = "lineage.json"
+GENERATIONS_FILE = "generations.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 FENCED_RETRY = 60.0  # seconds between tries of a group that the DR site fenced (failed over)
 IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that the link is still up
@@ -58,9 +59,10 @@ class Shipper:
         # Groups whose last cycle the receiver refused: (monotonic time of the
         # next try, current backoff, reason). Only that group waits.
         self.refused: dict[str, tuple[float, float, str]] = {}
-        self.fenced: set[str] = set()  # groups failed over at the DR site
+        self.fenced: dict[str, str] = {}  # group -> "fenced" (failed over there) or "diverged" (split brain)
         self.store_id = self._load_peer()
         self.lineage = self._load_lineage()  # disk_id -> the point a failover started it from
+        self.generations = self._load_generations()  # disk_id -> its generations, when a failover made more
 
     # ------------------------------------------------------------ the loop
 
@@ -183,7 +185,8 @@ class Shipper:
                 break
             self.tracker.failed(cut)  # a disk came or moved in during the scans: compare it first
         cycle_id = link.points.get(name, 0) + 1
-        entries = tuple(DiskEntry(d.disk_id, d.path, p.size, d.block_size) for d, p in cut.parts.items())
+        entries = tuple(DiskEntry(d.disk_id, d.path, p.size, d.block_size, self._history(d))
+                        for d, p in cut.parts.items())
         full_sync = {d.disk_id: p.basis for d, p in cut.parts.items() if p.full_sync}
         header = CycleHeader(name, cycle_id, cut.cut_time, entries, full_sync)
         sent_before = link.bytes_sent
@@ -201,7 +204,7 @@ class Shipper:
                 self.tracker.failed(cut)
             raise
         self.refused.pop(name, None)
-        self.fenced.discard(name)
+        self.fenced.pop(name, None)
         self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
 
     def _refused(self, name: str, refusal: CycleRefused) -> None:
@@ -222,7 +225,7 @@ class Shipper:
                         f"; retrying in {backoff:g} s" if backoff else "")
         self.refused[name] = (time.monotonic() + backoff, backoff, str(refusal))
         if refusal.fenced:
-            self.fenced.add(name)
+            self.fenced[name] = "diverged" if refusal.diverged else "fenced"
 
     def _acknowledge(self, cut: Cut, cycle_id: int, shipped: dict[Disk, int], wire: int) -> None:
         total = sum(shipped.values()) or 1
@@ -379,7 +382,7 @@ class Shipper:
         elif not self.connected:
             state = "disconnected"
         elif disk.group in self.fenced:
-            state = "fenced"
+            state = self.fenced[disk.group]
         elif refused is not None:
             state = "refused"
         elif disk.dirty() or disk.cut is not None:
@@ -411,6 +414,21 @@ class Shipper:
                 return str(json.load(f).get("store_id", ""))
         except (OSError, ValueError, AttributeError):
             return ""
+
+    def _history(self, disk: Disk) -> tuple[str, ...]:
+        """The disk's generations: its identity, then one per failover (generations.json)."""
+        return tuple(self.generations.get(disk.disk_id, (disk.disk_id.hex(),)))[-MAX_HISTORY:]
+
+    def _load_generations(self) -> dict[bytes, list[str]]:
+        try:
+            fd = os.open(GENERATIONS_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.vrfs_fd)
+            with os.fdopen(fd) as f:
+                return {bytes.fromhex(k): [str(g) for g in v] for k, v in json.load(f).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring a damaged %s: %s", GENERATIONS_FILE, exc)
+            return {}
 
     def _load_lineage(self) -> dict[bytes, int]:
         """From .vrfs/lineage.json, written by `vrfs failover` (vrfs/recovery.py)."""

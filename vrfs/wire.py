@@ -29,6 +29,7 @@ from vrfs.cycle import (
     MAX_BLOCK_SIZE,
     MAX_DISK_SIZE,
     MAX_DISKS_PER_GROUP,
+    MAX_HISTORY,
     MIN_BLOCK_SIZE,
     BadPath,
     CycleHeader,
@@ -298,7 +299,20 @@ def disk_ids(value: Any) -> set[bytes]:
 
 
 def disk_to_json(disk: DiskEntry) -> dict[str, Any]:
-    return {"disk_id": disk.disk_id.hex(), "path": disk.path, "size": disk.size, "block_size": disk.block_size}
+    obj: dict[str, Any] = {"disk_id": disk.disk_id.hex(), "path": disk.path, "size": disk.size,
+                           "block_size": disk.block_size}
+    if disk.history:
+        obj["history"] = list(disk.history)
+    return obj
+
+
+def _history(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_HISTORY or not all(
+            isinstance(g, str) and 0 < len(g) <= 64 and g.isalnum() for g in value):
+        raise ProtocolError("bad disk history")
+    return tuple(value)
 
 
 def disk_from_json(obj: Any, group: str) -> DiskEntry:
@@ -317,6 +331,7 @@ def disk_from_json(obj: Any, group: str) -> DiskEntry:
         path=path,
         size=int_field(obj, "size", 0, MAX_DISK_SIZE),
         block_size=block_size,
+        history=_history(obj.get("history")),
     )
 
 

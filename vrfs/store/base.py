@@ -61,6 +61,12 @@ class Fenced(Refusal):
     """The group was failed over: its source may not write it any more."""
 
 
+class Diverged(Fenced):
+    """A disk's history does not contain the generation the store holds: two
+    copies of it lived on apart (split brain). Nothing is written until a
+    reprotect."""
+
+
 class ApplyFailed(StoreError):
     """Applying a committed cycle failed on one disk (EFBIG, ENOSPC, EIO, ...)."""
 
@@ -270,6 +276,12 @@ class Store(ABC):
         """Refuse, before anything is staged, a cycle this store cannot hold or
         that builds on a replica that is not what the source believes it is."""
         old_by_id = old.by_id() if old else {}
+        for disk in header.disks:
+            held = old_by_id.get(disk.disk_id)
+            if held is not None and held.history and disk.history and held.history[-1] not in disk.history:
+                raise Diverged(f"{disk.path} has diverged: the DR site holds its generation {held.history[-1]}, "
+                               f"the source's is {disk.history[-1]} and does not descend from it; nothing is "
+                               "written until a reprotect")
         resync: dict[bytes, str] = {}
         claimed: set[str] = set()
         for disk in header.disks:
