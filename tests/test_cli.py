@@ -56,3 +56,14 @@ def test_status_and_umount_refuse_what_is_not_a_mount(tmp_path):
 def test_help_explains():
     r = vrfs("mount", "--help")
     assert "--peer" in r.stdout and "--rpo" in r.stdout and "--block-size" in r.stdout
+
+
+def test_dr_site_commands_import_nothing_of_the_fuse_side() -> None:
+    """`vrfs serve`, `status`, the recovery commands and verify's client run where pyfuse3 is not installed."""
+    import subprocess
+    import sys
+    code = ("import sys, vrfs.cli, vrfs.serve, vrfs.status, vrfs.drcmd, vrfs.recovery, vrfs.verifycmd, "
+            "vrfs.umountcmd; bad = [m for m in sys.modules if m == 'pyfuse3' or m in ('vrfs.fs', 'vrfs.mount')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             from vrfs.mount import mount_main
             return mount_main(args)
         if args.command == "umount":
-            from vrfs.mount import umount_main
+            from vrfs.umountcmd import umount_main
             return umount_main(args)
         if args.command == "status":
             from vrfs.status import status_main

@@ -26,8 +26,7 @@ from vrfs.tracker import Tracker
 log = logging.getLogger("vrfs.fs")
 
 STATE_DIR = ".vrfs"
-CONTROL_XATTR = "user.vrfs.control"
-PID_XATTR = "user.vrfs.pid"
+from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR  # noqa: F401  (the names the daemon answers)
 RESERVED_XATTR_PREFIX = "user.vrfs."
 # Reads and writes at least this large go to a worker thread so that the trio
 # thread keeps dispatching requests meanwhile; smaller ones cost less inline

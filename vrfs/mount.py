@@ -9,15 +9,12 @@ like a datastore without disks to everything that walks it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import logging
 import os
 import signal
 import socket
-import subprocess
-import time
 from dataclasses import dataclass
 
 import pyfuse3
@@ -26,7 +23,8 @@ import trio
 from vrfs import control, daemon
 from vrfs.durable import write_atomically
 from vrfs.errors import EXIT_USAGE, UserError
-from vrfs.fs import CONTROL_XATTR, PID_XATTR, STATE_DIR, Datastore
+from vrfs.fs import STATE_DIR, Datastore
+from vrfs.mountinfo import is_fuse_mount
 from vrfs.openwriters import describe, find_open_writers
 from vrfs.parse import parse_address, parse_block_size, parse_duration
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
@@ -84,15 +82,6 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise UserError(f"mount point {mountpoint} is already a mount point")
     if os.listdir(mountpoint):
         raise UserError(f"mount point {mountpoint} is not empty")
-
-
-def _is_fuse_mount(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[1] == path and fields[2].startswith("fuse"):
-                return True
-    return False
 
 
 def _check_open_writers(source: str, force: bool) -> str:
@@ -172,7 +161,7 @@ def mount_main(args) -> int:
         raise UserError(f"bad --name {name!r}: {exc}", EXIT_USAGE) from None
 
     root_fd = _open_source(source)
-    if _is_fuse_mount(source):
+    if is_fuse_mount(source):
         raise UserError(f"{source} is already a FUSE mount")
     if mountpoint != source:
         _check_mountpoint(mountpoint)
@@ -338,53 +327,3 @@ def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool)
         "connected": shipper.connected if shipper else False,
         "disks": disks,
     }
-
-
-# ------------------------------------------------------------------ umount
-
-def mount_pid(mountpoint: str) -> int:
-    try:
-        return int(os.getxattr(mountpoint, PID_XATTR))
-    except OSError as exc:
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise UserError(f"{mountpoint} is not a vrfs mount") from None
-        if exc.errno == errno.ENOTCONN:
-            raise UserError(f"{mountpoint}: the vrfs daemon is gone (crashed?); "
-                            f"`fusermount3 -u {mountpoint}` removes the dead mount") from None
-        raise UserError(f"{mountpoint}: {exc.strerror}") from None
-
-
-def control_path_of(mountpoint: str) -> str:
-    try:
-        return os.fsdecode(os.getxattr(mountpoint, CONTROL_XATTR))
-    except OSError:
-        mount_pid(mountpoint)  # raises the precise reason
-        raise UserError(f"{mountpoint} is not a vrfs mount") from None
-
-
-def umount_main(args) -> int:
-    mountpoint = os.path.abspath(args.mountpoint)
-    timeout = parse_duration(args.timeout, "timeout")
-    if not os.path.isdir(mountpoint) and not _is_fuse_mount(mountpoint):
-        raise UserError(f"{mountpoint} is not a directory")
-    pid = mount_pid(mountpoint)
-    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if result.returncode != 0:
-        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
-        if "busy" in reason.lower():
-            raise UserError(f"{mountpoint} is busy: files are still open on it (stop the VMs first)")
-        raise UserError(f"cannot unmount {mountpoint}: {reason}")
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        if time.monotonic() > deadline:
-            raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}")
-        time.sleep(0.05)
-    return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False

@@ -8,7 +8,7 @@ import os
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import format_size as human_size
-from vrfs.mount import control_path_of
+from vrfs.mountinfo import control_path_of
 
 
 def mount_status(mountpoint: str, ranges: bool = False) -> dict:

@@ -14,7 +14,7 @@ import time
 
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
-from vrfs.mount import control_path_of
+from vrfs.mountinfo import control_path_of
 from vrfs.parse import format_size as human_size, parse_duration, parse_size
 
 EXIT_OK, EXIT_DIFFERS, EXIT_UNCHECKED = 0, 1, 2

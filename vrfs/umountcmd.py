@@ -1,0 +1,40 @@
+"""`vrfs umount`: unmount a datastore and wait until its daemon has written
+its final checkpoint and exited."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+from vrfs.errors import UserError
+from vrfs.mountinfo import is_fuse_mount, mount_pid
+from vrfs.parse import parse_duration
+
+
+def umount_main(args) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    timeout = parse_duration(args.timeout, "timeout")
+    if not os.path.isdir(mountpoint) and not is_fuse_mount(mountpoint):
+        raise UserError(f"{mountpoint} is not a directory")
+    pid = mount_pid(mountpoint)
+    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if result.returncode != 0:
+        reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
+        if "busy" in reason.lower():
+            raise UserError(f"{mountpoint} is busy: files are still open on it (stop the VMs first)")
+        raise UserError(f"cannot unmount {mountpoint}: {reason}")
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}")
+        time.sleep(0.05)
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
