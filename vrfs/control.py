@@ -62,6 +62,9 @@ async def serve_control(path: str, handler: Handler, *, task_status=trio.TASK_ST
                 answer = await handler(request)
             except (ValueError, trio.TooSlowError) as exc:
                 answer = {"error": f"bad request: {exc}"}
+            except Exception as exc:  # a question must never take the daemon down
+                log.exception("control request failed")
+                answer = {"error": f"internal error: {type(exc).__name__}: {exc}"}
             try:
                 await stream.send_all(json.dumps(answer).encode() + b"\n")
             except trio.BrokenResourceError:

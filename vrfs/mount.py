@@ -322,6 +322,7 @@ def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool)
         "block_size": config.block_size,
         "tracking": tracker is not None,
         "checkpoints": tracker.checkpoints if tracker else 0,
+        "tracking_degraded": tracker.degraded if tracker else "",
         "last_checkpoint": tracker.last_checkpoint if tracker else None,
         "peer": f"{config.peer[0]}:{config.peer[1]}" if config.peer else None,
         "connected": shipper.connected if shipper else False,

@@ -127,6 +127,8 @@ class Tracker:
         self._checkpoint_soon = trio.Event()
         self.checkpoints = 0
         self.last_checkpoint = 0.0
+        self.degraded = ""  # why tracking state is not durable now, if it is not
+        self.untracked: set[bytes] = set()  # disks whose tracking could not be made durable meanwhile
 
     # ---------------------------------------------------------------- loading
 
@@ -304,12 +306,47 @@ class Tracker:
                 al = self._al
                 records = b"".join(activitylog.encode_record(d.disk_id, e) for d, e, gen in batch
                                    if gen == al.generation)
-                if records:
-                    await trio.to_thread.run_sync(al.append_durably, records, limiter=self._limiter)
-                for disk, extent, gen in batch:
-                    if gen == self._al.generation:
-                        disk.hot.add(extent)
-                    self._pending.pop((disk.disk_id, extent, gen)).set()
+                try:
+                    if records:
+                        await trio.to_thread.run_sync(al.append_durably, records, limiter=self._limiter)
+                        self._durable_again()
+                except OSError as exc:
+                    # The VM's writes must go on: these disks lose what a crash
+                    # would need, so a crash must cost a full sync instead.
+                    await trio.to_thread.run_sync(self._untrack, {d for d, _, _ in batch}, exc,
+                                                  limiter=self._limiter)
+                finally:
+                    for disk, extent, gen in batch:
+                        if gen == self._al.generation:
+                            disk.hot.add(extent)
+                        self._pending.pop((disk.disk_id, extent, gen)).set()
+
+    def _untrack(self, disks: set[Disk], exc: OSError) -> None:
+        """Tracking of ``disks`` cannot be made durable (the state directory is
+        full or failing). Their state files go, which needs no space: after a
+        crash they have none, and a full sync compares them, which is always
+        safe. Until then they replicate as usual, marked needs-full-sync."""
+        reason = f"tracking state cannot be made durable ({exc.strerror or exc}); a full sync follows"
+        if self.degraded != reason:
+            log.error("%s: %s", ", ".join(sorted(d.path for d in disks)), reason)
+        self.degraded = reason
+        for disk in disks:
+            self.untracked.add(disk.disk_id)
+            if not disk.needs_full_sync:
+                disk.mark_full(reason)
+            try:
+                os.unlink(state_name(disk.ino), dir_fd=self._dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as unlink_exc:
+                log.error("%s: cannot remove its state file either: %s", disk.path, unlink_exc)
+
+    def _durable_again(self) -> None:
+        if self.degraded:
+            log.warning("tracking state is durable again (before: %s)", self.degraded)
+            self.degraded = ""
+            self.untracked.clear()
+            self._checkpoint_soon.set()
 
     # ------------------------------------------------------------- namespace
 
@@ -514,15 +551,38 @@ class Tracker:
         activitylog.remove_older_than(self._dir_fd, old_al.generation + 1)
 
     async def run_checkpoints(self) -> None:
+        """A checkpoint that fails (ENOSPC, EIO) keeps the older activity-log
+        generations, which still cover every write since the last good one;
+        it is tried again, sooner, and the datastore goes on serving."""
+        interval = self.checkpoint_interval
         while True:
-            with trio.move_on_after(self.checkpoint_interval):
+            with trio.move_on_after(interval):
                 await self._checkpoint_soon.wait()
             self._checkpoint_soon = trio.Event()
-            await self.checkpoint()
+            try:
+                await self.checkpoint()
+            except OSError as exc:
+                reason = f"checkpoint failed ({exc.strerror or exc})"
+                if self.degraded != reason:
+                    log.error("%s; older activity-log generations are kept, retrying", reason)
+                self.degraded = reason
+                for disk in self.disks.values():
+                    disk.changed = True
+                interval = min(self.checkpoint_interval, 5.0)
+            else:
+                interval = self.checkpoint_interval
+                if self.degraded.startswith("checkpoint failed"):
+                    log.warning("checkpoints work again")
+                    self.degraded = ""
 
     async def shutdown(self) -> None:
-        """Clean shutdown, after the file system stopped serving requests."""
-        await self.checkpoint(clean=True)
+        """Clean shutdown, after the file system stopped serving requests. If
+        the last checkpoint cannot be written, the next mount recovers as
+        after a crash (activity log), which is safe."""
+        try:
+            await self.checkpoint(clean=True)
+        except OSError as exc:
+            log.error("final checkpoint failed (%s): the next mount recovers from the activity log", exc)
         self._al.close()
 
     # ---------------------------------------------------------------- status
@@ -542,6 +602,8 @@ class Tracker:
         }
         if disk.needs_full_sync:
             info["reason"] = disk.reason
+        if self.degraded:  # whatever the disk's state: what a crash now would cost
+            info["warning"] = self.degraded
         if with_ranges:
             info["dirty_ranges"] = ranges(dirty)
         return info
