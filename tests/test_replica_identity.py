@@ -276,3 +276,26 @@ def test_disks_deleted_while_unmounted_leave_the_dr_site_too(site: Site) -> None
         assert time.monotonic() < deadline, site.mount.log()[-2000:]
         time.sleep(0.2)
     site.wait_converged("after deletions made while unmounted")
+
+
+def _exchange(a: Path, b: Path) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # RENAME_EXCHANGE
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+
+def test_rename_exchange_of_groups_and_of_disks_converges(site: Site) -> None:
+    m = site.mnt
+    for group in ("vm1", "vm2", "vm3"):
+        (m / group).mkdir()
+        write_random(m / group / "a.raw", MiB, hash(group) & 0xFFFF)
+    write_random(m / "vm1/b.raw", MiB, 99)
+    site.wait_converged("before")
+    _exchange(m / "vm1", m / "vm2")              # two VMs' directories swap
+    _exchange(m / "vm1/a.raw", m / "vm3/a.raw")  # two disks of different VMs swap
+    _exchange(m / "vm2/a.raw", m / "vm2/b.raw")  # two disks of one VM swap
+    site.wait_converged("after the exchanges")
+    with open(m / "vm3/a.raw", "r+b") as f:      # and every group goes on replicating
+        f.write(b"vm3 still replicates")
+    site.wait_converged("after a write")
