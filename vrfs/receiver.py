@@ -27,6 +27,7 @@ from vrfs.store.journal import Journal
 from vrfs.testhooks import crash_point
 from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
+    Frame,
     FrameStream,
     MsgType,
     ProtocolError,
@@ -43,6 +44,9 @@ from vrfs.wire import (
 log = logging.getLogger("vrfs.receiver")
 
 HANDSHAKE_TIMEOUT = 30.0
+# Inside a cycle the source streams without pause; one that goes silent there
+# holds its group, so it is cut off. (Between cycles a source may be idle.)
+CYCLE_IDLE_TIMEOUT = float(os.environ.get("VRFS_CYCLE_IDLE_TIMEOUT", "60"))
 
 T = TypeVar("T")
 
@@ -161,7 +165,10 @@ class Receiver:
         start = int_field(request, "first", 0, 1 << 50) if "first" in request else 0
         wanted = int_field(request, "count", 0, 1 << 50) if "count" in request else None
         lineage = int_field(request, "lineage_point", 0, (1 << 63) - 1) if "lineage_point" in request else None
-        state = await self._run(self.store.load_group, source, group)
+        try:
+            state = await self._run(self.store.load_group, source, group)
+        except StoreError:
+            state = None  # damaged: open_copy gives nothing, and its cycles are refused
         copy = None if state is not None and state.fenced else await self._run(self.store.open_copy, source, group, disk)
         if copy is None:
             await frames.send_control(MsgType.HASHES_END, {"present": False})
@@ -291,7 +298,10 @@ class Receiver:
         log.warning("%s: refused cycle %d of %s/%s: %s", peer, header.cycle_id, source, header.group, refusal)
         if drain:
             await _drain_cycle(frames)
-        state = await self._run(self.store.load_group, source, header.group)
+        try:
+            state = await self._run(self.store.load_group, source, header.group)
+        except StoreError:
+            state = None
         await frames.send_control(MsgType.CYCLE_REFUSED, {
             "group": header.group, "cycle_id": header.cycle_id, "message": str(refusal)[:1000],
             "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0,
@@ -304,7 +314,7 @@ class Receiver:
         manifest = xxhash.xxh3_64()
         count = 0
         while True:
-            frame = await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)
+            frame = await _next_in_cycle(frames)
             if frame.type == MsgType.CYCLE_END:
                 break
             batch = await self._run(decode_batch, frame.payload, header.disks)
@@ -323,9 +333,16 @@ class Receiver:
         await self._run(journal.commit, header, count, manifest.hexdigest())
 
 
+async def _next_in_cycle(frames: FrameStream) -> Frame:
+    with trio.move_on_after(CYCLE_IDLE_TIMEOUT) as scope:
+        return await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)
+    assert scope.cancelled_caught
+    raise ProtocolError(f"nothing for {CYCLE_IDLE_TIMEOUT:g} s inside a cycle")
+
+
 async def _drain_cycle(frames: FrameStream) -> None:
     """Read and drop the rest of a refused cycle, up to its CYCLE_END."""
-    while (await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)).type != MsgType.CYCLE_END:
+    while (await _next_in_cycle(frames)).type != MsgType.CYCLE_END:
         pass
 
 

@@ -72,4 +72,7 @@ def store_status(url: str) -> list[dict]:
                 if damage:
                     entry["error"] = f"replica {damage}"
             out.append(entry)
+    for source, group, reason in store.damaged_groups():
+        out.append({"source": source, "path": f"{group}/*", "size": 0, "point": None, "state": "damaged",
+                    "error": reason})
     return out

@@ -41,6 +41,11 @@ class StoreError(Exception):
     """The store cannot do what was asked; the message is for the operator and the peer."""
 
 
+class DamagedMetadata(StoreError):
+    """A group's metadata file cannot be read: that group is refused, named in
+    the log and in `vrfs status --store`; the others are served."""
+
+
 class StoreInUse(StoreError):
     """Another process (a `vrfs serve`) holds the store's lock."""
 
@@ -172,10 +177,15 @@ class Store(ABC):
         return self.state_dir / "meta" / source / f"{group}.json"
 
     def load_group(self, source: str, group: str) -> GroupState | None:
+        """The group's newest point; None if the store has none. A damaged
+        metadata file raises DamagedMetadata, which concerns that group alone."""
+        path = self._meta_path(source, group)
         try:
-            return GroupState.from_json(json.loads(self._meta_path(source, group).read_bytes()), group)
+            return GroupState.from_json(json.loads(path.read_bytes()), group)
         except FileNotFoundError:
             return None
+        except (ValueError, KeyError, TypeError, AttributeError, ProtocolError) as exc:
+            raise DamagedMetadata(f"the metadata of {source}/{group} ({path}) is damaged: {exc}") from None
 
     def save_group(self, source: str, group: str, state: GroupState) -> None:
         path = self._meta_path(source, group)
@@ -193,9 +203,23 @@ class Store(ABC):
         for source_dir in sorted(meta.iterdir()):
             for f in sorted(source_dir.glob("*.json")):
                 group = f.name[: -len(".json")]
-                state = self.load_group(source_dir.name, group)
+                try:
+                    state = self.load_group(source_dir.name, group)
+                except DamagedMetadata:
+                    continue  # that group alone: damaged_groups() names it
                 if state is not None:
                     out.append((source_dir.name, group, state))
+        return out
+
+    def damaged_groups(self) -> list[tuple[str, str, str]]:
+        """(source, group, reason) of every group whose metadata cannot be read."""
+        out = []
+        meta = self.state_dir / "meta"
+        for f in sorted(meta.glob("*/*.json")) if meta.is_dir() else ():
+            try:
+                self.load_group(f.parent.name, f.name[: -len(".json")])
+            except DamagedMetadata as exc:
+                out.append((f.parent.name, f.name[: -len(".json")], str(exc)))
         return out
 
     # --- journals -----------------------------------------------------------
@@ -244,7 +268,10 @@ class Store(ABC):
         """The store's copy of ``disk`` for a comparison: its replica if the
         store knows its disk_id, else the replica of the disk that had its
         path, else a seed file at its path; None if there is none."""
-        state = self.load_group(source, group)
+        try:
+            state = self.load_group(source, group)
+        except DamagedMetadata:
+            return None  # its cycles are refused anyway
         known = state.by_id().get(disk.disk_id) if state else None
         if known is None and state is not None:
             known = next((d for d in state.disks if d.path == disk.path), None)

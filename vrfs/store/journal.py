@@ -17,9 +17,14 @@ from pathlib import Path
 
 from vrfs.cycle import CycleHeader
 from vrfs.durable import atomic_write, fsync_dir, remove_tree
-from vrfs.wire import BATCH_RECORD, KIND_DATA, header_from_json, header_to_json
+from vrfs.wire import BATCH_RECORD, KIND_DATA, ProtocolError, header_from_json, header_to_json
 
 READ_CHUNK = 8 << 20
+
+
+class DamagedJournal(OSError):
+    """A commit record that cannot be read: its group's apply fails with this
+    reason (an OSError, like any other failure to apply) and only that group waits."""
 APPLY_ERROR_ROOM = 4096
 
 
@@ -108,8 +113,11 @@ class Journal:
         return (self.path / self.COMMIT).exists()
 
     def header(self) -> CycleHeader:
-        record = json.loads((self.path / self.COMMIT).read_bytes())
-        return header_from_json(record["header"])
+        path = self.path / self.COMMIT
+        try:
+            return header_from_json(json.loads(path.read_bytes())["header"])
+        except (ValueError, KeyError, TypeError, ProtocolError) as exc:
+            raise DamagedJournal(f"the commit record {path} is damaged: {exc}") from None
 
     def records(self, with_data: bool = True) -> Iterator[tuple[int, int, bytes | None]]:
         """(disk index, block index, data or None for a zero block), reading in
