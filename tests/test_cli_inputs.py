@@ -1,0 +1,145 @@
+"""Every command answers, every bad input gets one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from mounthelpers import is_mounted, vrfs
+from servehelpers import REPO, vrfs_command, vrfs_env
+from test_cli import fails
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+def no_stray_mount(tmp_path):
+    """A command that should have refused but mounted: unmount it and end its daemon (by the PID in
+    its lock file), so a failing test leaves nothing behind."""
+    yield
+    for path in (tmp_path / "src", tmp_path / "mnt"):
+        if not is_mounted(path):
+            continue
+        pid = None
+        try:
+            pid = int(os.getxattr(path, "user.vrfs.pid"))
+        except (OSError, ValueError):
+            pass
+        if subprocess.run(["fusermount3", "-u", str(path)], capture_output=True).returncode:
+            subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+        if pid is not None:
+            for _ in range(100):
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.1)
+            else:
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_usage_errors_carry_one_prefix():
+    line = fails("mount", expect="the following arguments are required: SOURCE")
+    assert line == "vrfs: mount: the following arguments are required: SOURCE (see --help)"
+    line = fails("bogus", expect="invalid choice")
+    assert line.startswith("vrfs: argument COMMAND: invalid choice"), line
+    line = fails(expect="required: COMMAND")
+    assert "vrfs: vrfs" not in line
+    line = fails("status", "--nope", expect="unrecognized arguments: --nope")
+    assert "vrfs: vrfs" not in line
+    assert vrfs("status", "--nope", check=False).returncode == 2
+
+
+@pytest.mark.parametrize("args, expect", [
+    (("--peer", ""), "--peer"),
+    (("--peer", "a b:1"), "not a host name"),
+    (("--peer", "host\t:1"), "not a host name"),
+    (("--peer", "a/b:1"), "not a host name"),
+    (("--peer", "[zz]:1"), "not an IPv6 address"),
+    (("--name", ""), "--name"),
+    (("--name", " "), "--name"),
+    (("--rpo", "99999999999999999999999d"), "RPO"),
+    (("--rpo", "3700d"), "too long"),
+    (("--rpo", "1" + "0" * 400), "too long"),
+    (("--peer", "127.0.0.1:1", "--verify-every", ""), "--verify-every"),
+])
+def test_mount_refuses_bad_options(tmp_path, no_stray_mount, args, expect):
+    src = tmp_path / "src"
+    src.mkdir()
+    line = fails("mount", str(src), *args, expect=expect)
+    assert vrfs("mount", str(src), *args, check=False).returncode == 2, line
+    assert not is_mounted(src)
+    assert list(src.iterdir()) == []
+
+
+def test_sizes_that_overflow_are_refused(tmp_path):
+    r = vrfs("verify", str(tmp_path), "--rate", "99999999999999999999999T", check=False)
+    assert r.returncode == 2, r.stderr
+    fails("verify", str(tmp_path), "--rate", "99999999999999999999999T", expect="too large")
+    fails("verify", str(tmp_path), "--wait", "99999999999999999999999d", expect="too long")
+    fails("umount", str(tmp_path), "--timeout", "99999999999999999999999d", expect="too long")
+
+
+def test_parse_limits():
+    from vrfs.errors import UserError
+    from vrfs.parse import parse_address, parse_duration, parse_size
+    assert parse_address("dr-site.example.com:7000") == ("dr-site.example.com", 7000)
+    assert parse_address("[fe80::1%eth0]:5") == ("fe80::1%eth0", 5)
+    assert parse_address("10.0.0.1") [0] == "10.0.0.1"
+    assert parse_duration("3650d") == 3650 * 86400
+    assert parse_size("1048576T") == 1 << 60
+    for bad in ("a..b:1", "-a:1", "x" * 300 + ":1", "hé:1", "a\nb:1"):
+        with pytest.raises(UserError):
+            parse_address(bad)
+    with pytest.raises(UserError):
+        parse_size("1048577T")
+
+
+@pytest.mark.parametrize("config, expect", [
+    ({"block_size": 1000, "extent_size": 4 << 20}, "block_size 1000"),
+    ({"block_size": 65536, "extent_size": 0}, "extent_size 0"),
+    ({"block_size": 65536, "extent_size": 65536 + 4096}, "extent_size"),
+    ({"block_size": 65536, "extent_size": 1 << 50}, "extent_size"),
+    ({"block_size": "65536", "extent_size": 4 << 20}, "block_size"),
+    ({"block_size": 65536}, "extent_size"),
+    ([1, 2], "damaged"),
+])
+def test_mount_refuses_a_bad_datastore_json(tmp_path, no_stray_mount, config, expect):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / ".vrfs").mkdir()
+    (src / ".vrfs" / "datastore.json").write_text(json.dumps(config))
+    line = fails("mount", str(src), str(mnt), expect=expect)
+    assert f"{src}/.vrfs/datastore.json" in line
+    assert not is_mounted(mnt)
+
+
+def test_mount_refuses_a_state_dir_that_is_a_file(tmp_path, no_stray_mount):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    (src / ".vrfs").write_text("not a directory")
+    fails("mount", str(src), str(mnt), expect=f"{src}/.vrfs is not a directory")
+    assert not is_mounted(mnt)
+
+
+def test_output_to_a_closed_pipe_is_quiet(tmp_path, mount_factory):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    for i in range(400):  # far more status than a pipe holds
+        (src / f"disk{i:03}.raw").write_bytes(b"")
+    mount_factory(src, mnt)
+    for args in (["status", str(mnt), "--json"], ["status", str(mnt)], ["--help"]):
+        cmd = " ".join(map(repr, vrfs_command(*args))) + " | head -1"
+        r = subprocess.run(["bash", "-c", cmd + "; echo rc=${PIPESTATUS[0]} >&2"], capture_output=True,
+                           text=True, env=vrfs_env(), cwd=REPO, timeout=30)
+        assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
+        assert r.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141"), r.stderr
+        assert len(r.stdout.splitlines()) == 1
