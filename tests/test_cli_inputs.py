@@ -143,3 +143,34 @@ def test_output_to_a_closed_pipe_is_quiet(tmp_path, mount_factory):
         assert "Traceback" not in r.stderr and "Exception ignored" not in r.stderr, r.stderr
         assert r.stderr.strip().splitlines()[-1] in ("rc=0", "rc=141"), r.stderr
         assert len(r.stdout.splitlines()) == 1
+
+
+@pytest.mark.parametrize("io_encoding", [None, "utf-8:strict"])
+def test_status_shows_names_that_are_not_utf8(tmp_path, mount_factory, io_encoding):
+    """Under LC_ALL=C.UTF-8 (which Python 3.11 relaxes to surrogateescape) and under a strict
+    UTF-8 locale such as en_US.UTF-8 (emulated with PYTHONIOENCODING=utf-8:strict)."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "vm1").mkdir(parents=True)
+    mnt.mkdir()
+    name = b"vm1/\xff.raw"
+    with open(os.fsencode(src) + b"/" + name, "wb") as f:
+        f.write(b"x" * 70000)
+    env = vrfs_env({"LC_ALL": "C.UTF-8"})
+    env.pop("PYTHONIOENCODING", None)
+    if io_encoding:
+        env["PYTHONIOENCODING"] = io_encoding
+    m = mount_factory(src, mnt, env=env)
+    with open(os.fsencode(mnt) + b"/" + name, "r+b") as f:
+        f.write(b"y")
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(vrfs_command("status", str(mnt), *args), capture_output=True, env=env,
+                           cwd=REPO, timeout=30)
+        assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr.decode(errors="replace")
+        return r
+
+    disks = json.loads(status("--json").stdout)
+    assert [os.fsencode(d["path"]) for d in disks] == [name]
+    human = status().stdout
+    assert b"vm1/\\xff.raw" in human, human
+    assert m.proc.poll() is None

@@ -6,6 +6,7 @@ Each subcommand hands its parsed arguments to the module that does the work.
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
 
@@ -178,7 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
 
 
+def _escape_names(exc: UnicodeError) -> tuple[str, int]:
+    """File names are bytes: one that is not valid in the locale's encoding reaches
+    us with surrogate escapes. Shown as `ls -b` would (vm1/\\xff.raw), never a crash."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode() for c in text), exc.end
+
+
+codecs.register_error("vrfs-escape", _escape_names)
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        sys.stdout.reconfigure(errors="vrfs-escape")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
     try:
         code = _dispatch(argv)
         sys.stdout.flush()  # a closed pipe shows here, not at exit
