@@ -174,3 +174,29 @@ def test_status_shows_names_that_are_not_utf8(tmp_path, mount_factory, io_encodi
     human = status().stdout
     assert b"vm1/\\xff.raw" in human, human
     assert m.proc.poll() is None
+
+
+@pytest.mark.timeout(90)
+def test_status_and_umount_give_up_on_a_daemon_that_does_not_answer(tmp_path, mount_factory):
+    from vrfs.mountinfo import ANSWER_TIMEOUT
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = mount_factory(src, mnt)
+    pid = m.proc.pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        for args, expect in ((["status", str(mnt)], "does not answer"),
+                             (["status", str(mnt), "--json"], "does not answer"),
+                             (["umount", str(mnt)], "does not answer")):
+            started = time.monotonic()
+            r = vrfs(*args, check=False, timeout=ANSWER_TIMEOUT + 20)
+            took = time.monotonic() - started
+            assert r.returncode != 0
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("vrfs: ") and expect in lines[0], r.stderr
+            assert took < ANSWER_TIMEOUT + 5, (args, took)
+        assert is_mounted(mnt)  # nothing was unmounted behind the stopped daemon's back
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    m.umount()

@@ -8,15 +8,20 @@ import os
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import format_size as human_size
-from vrfs.mountinfo import control_path_of
+from vrfs.mountinfo import ANSWER_TIMEOUT, control_path_of
 
 
 def mount_status(mountpoint: str, ranges: bool = False) -> dict:
     path = control_path_of(mountpoint)
     try:
-        answer = control.ask(path, {"op": "status", "ranges": ranges})
+        answer = control.ask(path, {"op": "status", "ranges": ranges}, timeout=ANSWER_TIMEOUT)
+    except TimeoutError:
+        raise UserError(f"{mountpoint}: the vrfs daemon does not answer within {ANSWER_TIMEOUT:g} s "
+                        "(look at its log)") from None
     except OSError as exc:
         raise UserError(f"cannot reach the vrfs daemon of {mountpoint}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise UserError(f"{mountpoint}: the vrfs daemon gave no answer (look at its log)") from None
     if "error" in answer:
         raise UserError(answer["error"])
     return answer
