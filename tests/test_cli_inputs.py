@@ -200,3 +200,75 @@ def test_status_and_umount_give_up_on_a_daemon_that_does_not_answer(tmp_path, mo
     finally:
         os.kill(pid, signal.SIGCONT)
     m.umount()
+
+
+def _human_status(mnt) -> list[str]:
+    return vrfs("status", str(mnt)).stdout.splitlines()
+
+
+def _line_under(lines: list[str], path: str) -> str:
+    """The indented lines under a disk's row, joined."""
+    at = next(i for i, line in enumerate(lines) if line.startswith(path + " "))
+    under = []
+    for line in lines[at + 1:]:
+        if not line.startswith("    "):
+            break
+        under.append(line)
+    assert under, lines
+    return "\n".join(under)
+
+
+@pytest.mark.timeout(120)
+def test_status_says_why_a_disk_is_not_in_sync(tmp_path, mount_factory, stack):
+    from servehelpers import free_port
+    from sitehelpers import Site
+
+    # A disk that was in sync: the receiver goes away, its port is closed.
+    site = Site(tmp_path, mount_factory, stack).serve().start_mount()
+    (site.mnt / "vm1").mkdir()
+    (site.mnt / "vm1" / "disk.raw").write_bytes(os.urandom(100_000))
+    site.wait_in_sync("vm1/disk.raw")
+    assert not any(line.startswith("    ") for line in _human_status(site.mnt))
+    port = site.server.port
+    site.server.stop()
+    site.wait("disconnected", lambda st: st["vm1/disk.raw"]["state"] == "disconnected"
+              and "cannot reach" in st["vm1/disk.raw"].get("error", ""))
+    under = _line_under(_human_status(site.mnt), "vm1/disk.raw")
+    assert f"127.0.0.1:{port}" in under and "refused" in under.lower(), under
+
+    # A new datastore whose --peer was never reachable: its disks wait for their first full sync,
+    # one because it predates tracking (that reason and the link's error are both shown).
+    src, mnt = tmp_path / "src2", tmp_path / "mnt2"
+    (src / "vm2").mkdir(parents=True)
+    mnt.mkdir()
+    (src / "vm2" / "old.raw").write_bytes(b"o" * 70_000)
+    closed = free_port()
+    mount_factory(src, mnt, "--peer", f"127.0.0.1:{closed}", "--name", "hv2")
+    (mnt / "vm2" / "disk.raw").write_bytes(b"x" * 70_000)
+    with open(mnt / "vm2" / "old.raw", "r+b") as f:
+        f.write(b"y")
+    deadline = time.monotonic() + 20
+    while True:
+        lines = _human_status(mnt)
+        under = "\n".join(line for line in lines if line.startswith("    "))
+        if f"127.0.0.1:{closed}" in under or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for path in ("vm2/disk.raw", "vm2/old.raw"):
+        under = _line_under(lines, path)
+        assert f"cannot reach 127.0.0.1:{closed}" in under and "refused" in under.lower(), lines
+    assert "predates tracking" in _line_under(lines, "vm2/old.raw"), lines
+
+
+def test_every_state_but_in_sync_has_a_why():
+    from vrfs.status import _why
+    assert _why({"state": "in-sync", "error": "old"}) == []
+    assert _why({"state": "disconnected"}) == ["not connected to the DR site"]
+    assert _why({"state": "disconnected", "error": "cannot reach h:1: refused"}) == ["cannot reach h:1: refused"]
+    for state in ("refused", "fenced", "diverged", "syncing", "full-sync"):
+        assert _why({"state": state, "error": "the receiver refused the last cycle: x"}) == [
+            "the receiver refused the last cycle: x"]
+    for state in ("refused", "fenced", "diverged"):
+        assert _why({"state": state}) and all(_why({"state": state}))
+    assert _why({"state": "full-sync", "reason": "r", "error": "e"}) == ["r", "e"]
+    assert _why({"state": "full-sync", "reason": "same", "error": "same"}) == ["same"]
