@@ -90,7 +90,7 @@ def test_parse_limits():
     from vrfs.parse import parse_address, parse_duration, parse_size
     assert parse_address("dr-site.example.com:7000") == ("dr-site.example.com", 7000)
     assert parse_address("[fe80::1%eth0]:5") == ("fe80::1%eth0", 5)
-    assert parse_address("10.0.0.1") [0] == "10.0.0.1"
+    assert parse_address("10.0.0.1")[0] == "10.0.0.1"
     assert parse_duration("3650d") == 3650 * 86400
     assert parse_size("1048576T") == 1 << 60
     for bad in ("a..b:1", "-a:1", "x" * 300 + ":1", "hé:1", "a\nb:1"):
