@@ -6,6 +6,8 @@ Each subcommand hands its parsed arguments to the module that does the work.
 from __future__ import annotations
 
 import argparse
+import codecs
+import os
 import sys
 
 from vrfs import DEFAULT_PORT, __version__
@@ -14,7 +16,9 @@ from vrfs.errors import EXIT_USAGE, UserError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
-        raise UserError(f"{self.prog}: {message} (see --help)", EXIT_USAGE)
+        # main() prints the "vrfs: " in front; a subcommand's name stays ("mount: ...").
+        where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
+        raise UserError(f"{where}{message} (see --help)", EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,31 +176,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
+
+
+def _escape_names(exc: UnicodeError) -> tuple[str, int]:
+    """File names are bytes: one that is not valid in the locale's encoding reaches
+    us with surrogate escapes. Shown as `ls -b` would (vm1/\\xff.raw), never a crash."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode() for c in text), exc.end
+
+
+codecs.register_error("vrfs-escape", _escape_names)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "mount":
-            from vrfs.mount import mount_main
-            return mount_main(args)
-        if args.command == "umount":
-            from vrfs.umountcmd import umount_main
-            return umount_main(args)
-        if args.command == "status":
-            from vrfs.status import status_main
-            return status_main(args)
-        if args.command == "verify":
-            from vrfs.verifycmd import verify_main
-            return verify_main(args)
-        if args.command in ("points", "test-failover", "failover", "reprotect"):
-            from vrfs import drcmd
-            return {"points": drcmd.points_main, "test-failover": drcmd.test_failover_main,
-                    "failover": drcmd.failover_main, "reprotect": drcmd.reprotect_main}[args.command](args)
-        if args.command == "serve":
-            from vrfs.serve import serve_main
-            return serve_main(args)
-        raise AssertionError(args.command)
+        sys.stdout.reconfigure(errors="vrfs-escape")  # type: ignore[union-attr]
+    except (AttributeError, ValueError):
+        pass
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return code
     except UserError as exc:
         print(f"vrfs: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`vrfs status | head -1`): quietly, like any
+        # Unix command. Python would still try to flush stdout at exit and
+        # complain, so it points at /dev/null from now on.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "mount":
+        from vrfs.mount import mount_main
+        return mount_main(args)
+    if args.command == "umount":
+        from vrfs.umountcmd import umount_main
+        return umount_main(args)
+    if args.command == "status":
+        from vrfs.status import status_main
+        return status_main(args)
+    if args.command == "verify":
+        from vrfs.verifycmd import verify_main
+        return verify_main(args)
+    if args.command in ("points", "test-failover", "failover", "reprotect"):
+        from vrfs import drcmd
+        return {"points": drcmd.points_main, "test-failover": drcmd.test_failover_main,
+                "failover": drcmd.failover_main, "reprotect": drcmd.reprotect_main}[args.command](args)
+    if args.command == "serve":
+        from vrfs.serve import serve_main
+        return serve_main(args)
+    raise AssertionError(args.command)

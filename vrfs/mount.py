@@ -104,36 +104,49 @@ def _check_open_writers(source: str, force: bool) -> str:
 def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[int, int, int, int, int]:
     """The .vrfs directory, its lock, its state subdirectory and the
     datastore's fixed settings."""
+    where = f"{source}/{STATE_DIR}"
     try:
-        os.mkdir(STATE_DIR, 0o700, dir_fd=root_fd)
-    except FileExistsError:
-        pass
-    vrfs_fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
-    lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=vrfs_fd)
+        try:
+            os.mkdir(STATE_DIR, 0o700, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        vrfs_fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
+        lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=vrfs_fd)
+    except NotADirectoryError:
+        raise UserError(f"{where} is not a directory: vrfs keeps its state there; "
+                        "move it away") from None
+    except OSError as exc:
+        raise UserError(f"cannot open {where}: {exc.strerror}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(lock_fd, 32, 0).decode(errors="replace").strip()
         raise UserError(f"{source} is already served by vrfs (pid {holder or '?'})") from None
     try:
-        os.mkdir("state", 0o700, dir_fd=vrfs_fd)
-    except FileExistsError:
-        pass
-    state_fd = os.open("state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=vrfs_fd)
+        try:
+            os.mkdir("state", 0o700, dir_fd=vrfs_fd)
+        except FileExistsError:
+            pass
+        state_fd = os.open("state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=vrfs_fd)
+    except OSError as exc:
+        raise UserError(f"cannot open {where}/state: {exc.strerror}") from None
 
     requested = parse_block_size(block_size_arg) if block_size_arg else None
     try:
         fd = os.open(CONFIG_NAME, os.O_RDONLY | os.O_CLOEXEC, dir_fd=vrfs_fd)
         with os.fdopen(fd) as f:
             config = json.load(f)
-        block_size, extent_size = int(config["block_size"]), int(config["extent_size"])
+        block_size, extent_size = config["block_size"], config["extent_size"]
+        _check_sizes(block_size, extent_size)
     except FileNotFoundError:
         block_size, extent_size = requested or DEFAULT_BLOCK_SIZE, DEFAULT_EXTENT_SIZE
 
         write_atomically(vrfs_fd, CONFIG_NAME, json.dumps(
             {"block_size": block_size, "extent_size": extent_size}).encode())
+    except OSError as exc:
+        raise UserError(f"cannot read {where}/{CONFIG_NAME}: {exc.strerror}") from None
     except (ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{source}/{STATE_DIR}/{CONFIG_NAME} is damaged ({exc}); "
+        raise UserError(f"{where}/{CONFIG_NAME} is damaged ({exc}); "
                         "move it away to start over with a full sync") from None
     if requested and requested != block_size:
         raise UserError(f"{source} uses block size {block_size // 1024}K; it cannot change to "
@@ -141,19 +154,36 @@ def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[
     return vrfs_fd, lock_fd, state_fd, block_size, extent_size
 
 
+MAX_EXTENT_SIZE = 1 << 30
+
+
+def _check_sizes(block_size, extent_size) -> None:
+    """The settings a datastore.json may hold (ValueError when not)."""
+    if type(block_size) is not int or not 4096 <= block_size <= (1 << 20) or block_size & (block_size - 1):
+        raise ValueError(f"block_size {block_size!r} is not a power of two from 4K to 1M")
+    if (type(extent_size) is not int or not block_size <= extent_size <= MAX_EXTENT_SIZE
+            or extent_size % block_size):
+        raise ValueError(f"extent_size {extent_size!r} is not a multiple of the block size "
+                         f"from {block_size} to {MAX_EXTENT_SIZE}")
+
+
 def mount_main(args) -> int:
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint) if args.mountpoint else source
-    peer = parse_address(args.peer, what="peer") if args.peer else None
+    # An empty option is a mistake, not "the default": `--peer "$DR"` with DR unset
+    # must not mount without replicating.
+    peer = parse_address(args.peer, what="--peer") if args.peer is not None else None
     rpo = parse_duration(args.rpo, "RPO")
-    verify_every = parse_duration(args.verify_every, "--verify-every") if args.verify_every else None
+    verify_every = parse_duration(args.verify_every, "--verify-every") if args.verify_every is not None else None
     if verify_every is not None and peer is None:
         raise UserError("--verify-every needs --peer: a verify compares with the DR site", EXIT_USAGE)
     checkpoint_interval = parse_duration(os.environ.get("VRFS_CHECKPOINT_INTERVAL", "30s"),
                                          "VRFS_CHECKPOINT_INTERVAL")
     if not 1 <= args.compress_level <= 19:
         raise UserError(f"bad compression level {args.compress_level}: must be 1-19", EXIT_USAGE)
-    name = args.name or socket.gethostname()
+    if args.name is not None and not args.name.strip():
+        raise UserError(f"bad --name {args.name!r}: must not be empty", EXIT_USAGE)
+    name = args.name if args.name is not None else socket.gethostname()
     from vrfs.wire import ProtocolError, check_name
     try:
         check_name(name, "source name")

@@ -8,15 +8,20 @@ import os
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import format_size as human_size
-from vrfs.mountinfo import control_path_of
+from vrfs.mountinfo import ANSWER_TIMEOUT, control_path_of
 
 
 def mount_status(mountpoint: str, ranges: bool = False) -> dict:
     path = control_path_of(mountpoint)
     try:
-        answer = control.ask(path, {"op": "status", "ranges": ranges})
+        answer = control.ask(path, {"op": "status", "ranges": ranges}, timeout=ANSWER_TIMEOUT)
+    except TimeoutError:
+        raise UserError(f"{mountpoint}: the vrfs daemon does not answer within {ANSWER_TIMEOUT:g} s "
+                        "(look at its log)") from None
     except OSError as exc:
         raise UserError(f"cannot reach the vrfs daemon of {mountpoint}: {exc.strerror or exc}") from None
+    except ValueError:
+        raise UserError(f"{mountpoint}: the vrfs daemon gave no answer (look at its log)") from None
     if "error" in answer:
         raise UserError(answer["error"])
     return answer
@@ -61,15 +66,28 @@ def status_main(args) -> int:
         lag = f"{d['lag_seconds']:.0f}s" if "lag_seconds" in d else "-"
         print(f"{d['path']:<36} {human_size(d['size']):>8} {human_size(d['dirty_bytes']):>8} {state:<16} "
               f"{lag:>7} {point.get('id', '-'):>6}  {_fmt_time(point.get('cut_time'))}")
-        if d.get("reason"):
-            print(f"    {d['reason']}")
-        elif d.get("error") and d["state"] != "in-sync":
-            print(f"    {d['error']}")
+        for why in _why(d):
+            print(f"    {why}")
         found = d.get("verify")
         if found and found["state"] != "ok":
             print(f"    last verify ({_fmt_time(found['finished'])}): {found['state']}"
                   + (f", {found['differing']} blocks differed" if found["differing"] else ""))
     return 0
+
+
+def _why(disk: dict) -> list[str]:
+    """What keeps a disk from being in sync, for the line(s) under it: why it needs
+    a full sync (reason), and what the link or the receiver said (error)."""
+    if disk["state"] == "in-sync":
+        return []
+    found = [disk[key] for key in ("reason", "error") if disk.get(key)]
+    if not found:
+        found = [{"disconnected": "not connected to the DR site",
+                  "refused": "the receiver refused the last cycle",
+                  "fenced": "the DR site failed this group over: its source is refused",
+                  "diverged": "the DR site holds a newer history of this group (split brain)",
+                  }.get(disk["state"], "")]
+    return [why for i, why in enumerate(found) if why and why not in found[:i]]
 
 
 def _fmt_time(t) -> str:

@@ -15,7 +15,8 @@ from vrfs.parse import parse_duration
 def umount_main(args) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     timeout = parse_duration(args.timeout, "timeout")
-    if not os.path.isdir(mountpoint) and not is_fuse_mount(mountpoint):
+    # /proc/self/mounts first: a stat of the mount would wait for its daemon, which may not answer.
+    if not is_fuse_mount(mountpoint) and not os.path.isdir(mountpoint):
         raise UserError(f"{mountpoint} is not a directory")
     pid = mount_pid(mountpoint)
     result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
