@@ -68,6 +68,8 @@ def status_main(args) -> int:
               f"{lag:>7} {point.get('id', '-'):>6}  {_fmt_time(point.get('cut_time'))}")
         for why in _why(d):
             print(f"    {why}")
+        if d.get("warning"):
+            print(f"    warning: {d['warning']}")
         found = d.get("verify")
         if found and found["state"] != "ok":
             print(f"    last verify ({_fmt_time(found['finished'])}): {found['state']}"
