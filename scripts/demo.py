@@ -83,6 +83,15 @@ def main() -> int:
         same = digest(replica) == digest(disk)
         print(f"# replica {replica}: {'identical to the source' if same else 'DIFFERS from the source'}")
         sh("qemu-img", "check", str(replica))
+
+        print("# proving it while the VM could keep writing: vrfs verify compares every block")
+        vrfs("verify", str(datastore), "--rate", "0")
+        print("# at the DR site: the points, and a test failover that replication does not disturb")
+        vrfs("points", "--store", f"dir:{store}")
+        test = work / "test-failover"
+        vrfs("test-failover", "--store", f"dir:{store}", "demo-site/vm1", "--to", str(test))
+        sh("qemu-img", "check", str(test / "vm1" / "disk0.qcow2"))
+        vrfs("test-failover", "--cleanup", str(test))
         return 0 if same else 1
     finally:
         if mounted:

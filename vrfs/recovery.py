@@ -43,6 +43,7 @@ from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 from vrfs.wire import encode_bitmap
 
 TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it, for --cleanup
+SMALL_FILE = 1 << 20  # smaller files (VM configuration, NVRAM) are copied as they are, never wrapped in qcow2
 
 
 def list_points(store: Store, source: str | None = None, group: str | None = None) -> list[dict]:
@@ -167,9 +168,10 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
         image = to / disk.path
         image.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
-        if fmt == "raw":
+        if fmt == "raw" or disk.size < SMALL_FILE:  # configuration, NVRAM: the VM reads them as they are
             _write_image(dstore, source, group, newest, state, disk, image)
-            lines.append(f"{image}: raw image of point {state.cycle_id} ({_took(started)})")
+            lines.append(f"{image}: {'raw image' if fmt == 'raw' else 'copy'} of point {state.cycle_id} "
+                         f"({_took(started)})")
             continue
         base = bases / (disk.path + ".point")
         base.parent.mkdir(parents=True, exist_ok=True)
