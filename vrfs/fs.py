@@ -21,12 +21,12 @@ import pyfuse3
 import trio
 
 from vrfs.inodes import InodeTable
+from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR
 from vrfs.tracker import Tracker
 
 log = logging.getLogger("vrfs.fs")
 
 STATE_DIR = ".vrfs"
-from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR  # noqa: F401  (the names the daemon answers)
 RESERVED_XATTR_PREFIX = "user.vrfs."
 # Reads and writes at least this large go to a worker thread so that the trio
 # thread keeps dispatching requests meanwhile; smaller ones cost less inline

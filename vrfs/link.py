@@ -252,9 +252,8 @@ class Link:
                 raise
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
                 reason = await self._receiver_reason()
-                if reason:
-                    exc = ProtocolError(f"receiver: {reason}")
-                raise await self._fail(exc, f"sending cycle {header.cycle_id} of {header.group}") from exc
+                failure: BaseException = ProtocolError(f"receiver: {reason}") if reason else exc
+                raise await self._fail(failure, f"sending cycle {header.cycle_id} of {header.group}") from exc
             except BaseException as exc:  # a caller's bad block or a cancellation: the stream is out of step
                 await self._fail(exc, "sending interrupted")
                 raise

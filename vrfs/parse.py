@@ -38,7 +38,8 @@ def parse_duration(text: str, what: str = "duration") -> float:
     """'5m', '30s', '1h', '90' (seconds) -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
     if not m or float(m.group(1)) <= 0:
-        raise UserError(f"bad {what} {text!r}: expected a positive number with an optional s, m, h or d suffix", EXIT_USAGE)
+        raise UserError(f"bad {what} {text!r}: expected a positive number with an optional s, m, h or d suffix",
+                        EXIT_USAGE)
     seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
     if not math.isfinite(seconds) or seconds > MAX_DURATION:
         raise UserError(f"bad {what} {text!r}: too long (at most 10 years)", EXIT_USAGE)

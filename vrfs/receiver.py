@@ -54,7 +54,21 @@ class Receiver:
     def __init__(self, store: Store, *, threads: int = 4):
         self.store = store
         self.limiter = trio.CapacityLimiter(threads)
-        self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle in progress
+        self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle (or a failover) in progress
+        self._done: dict[tuple[str, str], trio.Event] = {}  # set when a busy group is released
+
+    def _hold(self, key: tuple[str, str]) -> None:
+        self._busy.add(key)
+        self._done[key] = trio.Event()
+
+    def _release(self, key: tuple[str, str]) -> None:
+        self._busy.discard(key)
+        done = self._done.pop(key, None)
+        if done is not None:
+            done.set()
+
+    def _released(self, key: tuple[str, str]) -> trio.Event:
+        return self._done.get(key) or trio.Event()
 
     async def holding(self, source: str, group: str, fn: Callable[..., T], *args: Any, wait: float = 120.0) -> T:
         """Run ``fn`` in a worker thread while no cycle of the group can be
@@ -63,12 +77,12 @@ class Receiver:
         key = (source, group)
         with trio.fail_after(wait):
             while key in self._busy:
-                await trio.sleep(0.1)
-        self._busy.add(key)
+                await self._released(key).wait()
+        self._hold(key)
         try:
             return await self._run(fn, *args)
         finally:
-            self._busy.discard(key)
+            self._release(key)
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)
@@ -169,7 +183,9 @@ class Receiver:
             state = await self._run(self.store.load_group, source, group)
         except StoreError:
             state = None  # damaged: open_copy gives nothing, and its cycles are refused
-        copy = None if state is not None and state.fenced else await self._run(self.store.open_copy, source, group, disk)
+        copy = None
+        if state is None or not state.fenced:
+            copy = await self._run(self.store.open_copy, source, group, disk)
         if copy is None:
             await frames.send_control(MsgType.HASHES_END, {"present": False})
             return
@@ -198,7 +214,8 @@ class Receiver:
             count = max(0, end - start)
             for first in range(start, start + count, MAX_HASHES_PER_FRAME):
                 n = min(MAX_HASHES_PER_FRAME, start + count - first)
-                payload = await self._run(lambda: encode_hashes(first, hash_blocks(copy, disk.block_size, first, n)))
+                payload = await self._run(
+                    lambda first=first, n=n: encode_hashes(first, hash_blocks(copy, disk.block_size, first, n)))
                 await frames.send(MsgType.HASHES, payload)
         finally:
             os.close(copy.fd)
@@ -215,7 +232,7 @@ class Receiver:
                 f"group {header.group!r} of {source!r} is busy (a cycle on another connection, or a "
                 "failover or test failover at the DR site)"), drain=True)
             return
-        self._busy.add(key)
+        self._hold(key)
         try:
             try:
                 await self._run(self._prepare, source, header)
@@ -247,7 +264,7 @@ class Receiver:
                     with trio.CancelScope(shield=True):
                         await self._run(journal.discard)
         finally:
-            self._busy.discard(key)
+            self._release(key)
         await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
         log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
 

@@ -346,7 +346,7 @@ STATE_DIR_NAME = ".vrfs"
 
 def _remove_empty_dirs(datastore: Path) -> None:
     """The VMs' directories emptied by a reprotect: a failback may then use the datastore again."""
-    for root, dirs, files in os.walk(datastore, topdown=False):
+    for root, _dirs, _files in os.walk(datastore, topdown=False):
         path = Path(root)
         if path == datastore or STATE_DIR_NAME in path.relative_to(datastore).parts:
             continue

@@ -452,7 +452,7 @@ class Tracker:
                 for fd in fds:
                     os.close(fd)
                 raise
-            for disk, fd in zip(disks, fds):
+            for disk, fd in zip(disks, fds, strict=True):
                 bits = disk.active | disk.unacked
                 disk.unacked = bits.copy()
                 disk.active = Bitmap()
@@ -627,7 +627,8 @@ class CutPart:
     bits: Bitmap
     unread: Bitmap  # a bitmap, not a set: a full sync can put millions of blocks in one cycle
     unread_count: int
-    preserved: dict[int, bytes | tuple[int, int]] = field(default_factory=dict)  # in memory, or (offset, length) spilled
+    # In memory, or (offset, length) spilled to a file.
+    preserved: dict[int, bytes | tuple[int, int]] = field(default_factory=dict)
     full_sync: bool = False  # this cycle completes the disk's full sync, compared against ``basis``
     basis: str | None = None
 

@@ -96,7 +96,8 @@ class Job:
             "id": self.id, "groups": self.groups, "repair": self.repair, "rate": self.rate,
             "started": self.started, "finished": self.finished, "paused": self.paused,
             "periodic": self.periodic,
-            "progress": (self.bytes_compared / self.bytes_total) if self.bytes_total else (1.0 if self.finished else 0.0),
+            "progress": (self.bytes_compared / self.bytes_total if self.bytes_total
+                         else 1.0 if self.finished else 0.0),
             "bytes_compared": self.bytes_compared, "bytes_total": self.bytes_total,
             "disks": {r.path: asdict(r) for r in self.results.values()},
             "result": _verdict(states) if self.finished else "running",

@@ -478,7 +478,8 @@ def decode_batch(payload: bytes, disks: tuple[DiskEntry, ...]) -> DecodedBatch:
     records = []
     total = 0
     for i in range(count):
-        disk_index, block_index, kind, length = BATCH_RECORD.unpack_from(payload, BATCH_HEADER.size + i * BATCH_RECORD.size)
+        disk_index, block_index, kind, length = BATCH_RECORD.unpack_from(
+            payload, BATCH_HEADER.size + i * BATCH_RECORD.size)
         if disk_index >= len(disks):
             raise ProtocolError(f"block record names disk {disk_index}, the cycle has {len(disks)}")
         disk = disks[disk_index]

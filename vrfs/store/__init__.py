@@ -37,7 +37,8 @@ def store_status(url: str) -> list[dict]:
     """Every replicated disk of a store, read without locking it (for `vrfs status --store`).
 
     Each disk's ``state`` says whether its replica holds the group's point:
-    ``ok``; ``failed-over`` (fenced: its images were handed over); ``incomplete`` while a committed cycle is not yet (or cannot be)
+    ``ok``; ``failed-over`` (fenced: its images were handed over);
+    ``incomplete`` while a committed cycle is not yet (or cannot be)
     applied, with the reason in ``error``; ``damaged`` when the replica is
     missing or has the wrong size. A bad URL or a directory that is not a
     store raises UserError (one line for the operator)."""

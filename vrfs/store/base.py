@@ -391,7 +391,7 @@ class Store(ABC):
                         write_all(fd, data, offset)
                 except OSError as exc:
                     raise ApplyFailed(disk, exc) from exc
-            for disk, fd in zip(header.disks, fds):
+            for disk, fd in zip(header.disks, fds, strict=True):
                 if fd is not None:
                     try:
                         os.fsync(fd)

@@ -120,7 +120,7 @@ class DevStore(Store):
                 src, dst = self.map.get((source, before.path)), self.device(source, disk.path)
                 if src is not None and src != dst:
                     destinations[dst] = (before.path, disk.path, src)
-        for dst, (old_path, new_path, src) in destinations.items():
+        for old_path, new_path, src in destinations.values():
             if src in destinations:
                 raise StoreError(f"rename of {old_path} to {new_path}: {src} is also the target of another "
                                  "rename in the same cycle; a device store cannot rename in a chain or swap")
