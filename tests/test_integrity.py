@@ -620,6 +620,13 @@ MINIMAL = {
         _new("vm1/a.raw", MiB, 1), _new("vm2/b.raw", MiB, 2), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm2/c.raw"}, label="hardlink"), "check",
         Op("rename", {"old": "vm1/a.raw", "new": "vm2/c.raw"}, label="rename-over-across"), "check"]),
+    # Seed 2026 (long run), step 15. The surviving name of the old inode needs
+    # a full sync (its ctime changed) and the new image at the other name is
+    # compared with the same replica: both start from it, one keeps it.
+    "one-name-of-a-hard-linked-disk-replaced-while-unmounted": ("replace-mv", [
+        _new("vm2/d.raw", 4 * BS, 1), "check",
+        Op("link", {"old": "vm2/d.raw", "new": "vm2/l.raw"}, label="hardlink"), "check",
+        _fault("replace_mv", "replace-mv", path="vm2/d.raw", data=_changed(4 * BS, 1, (2,))), "check"]),
     "hard-link-in-another-group-then-remount": ("hardlink", [
         _new("vm1/a.raw", MiB, 1), _new("vm2/b.raw", MiB, 2), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",

@@ -316,10 +316,11 @@ class Store(ABC):
                 basis = header.full_sync[disk.disk_id]
                 if basis is not None and not self.basis_holds(source, disk, basis, old):
                     resync[disk.disk_id] = f"{disk.path}: the copy it was compared with has changed"
-                elif basis is not None and basis in claimed:
-                    # One copy can start one disk; the other compares again.
-                    resync[disk.disk_id] = f"{disk.path}: its copy is the start of another disk of the cycle"
-                elif basis is not None:
+                elif basis is not None and _heir_of(disk, basis):
+                    if basis in claimed:
+                        # One copy can start one new disk (the disk it belongs to
+                        # keeps it too); another one compares again, elsewhere.
+                        resync[disk.disk_id] = f"{disk.path}: its copy is the start of another disk of the cycle"
                     claimed.add(basis)
             elif disk.disk_id in old_by_id:
                 reason = self.replica_damage(source, old_by_id[disk.disk_id])
@@ -509,6 +510,15 @@ class Store(ABC):
     def sync_namespace(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
         """Make renames and deletions durable before the point is recorded."""
 
+
+
+def _heir_of(disk: DiskEntry, basis: str) -> bool:
+    """Whether ``disk`` would start from another disk's replica (not its own, not a seed)."""
+    try:
+        base_id, _ = parse_basis(basis)
+    except ValueError:
+        return False
+    return base_id is not None and base_id != disk.disk_id
 
 
 def adoptions(header: CycleHeader, old: dict[bytes, DiskEntry]) -> dict[bytes, DiskEntry]:
