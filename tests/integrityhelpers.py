@@ -15,7 +15,6 @@ be); the only network traffic is to 127.0.0.1.
 
 from __future__ import annotations
 
-import ctypes
 import glob
 import hashlib
 import json
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from mounthelpers import Mount, is_mounted, vrfs
 from servehelpers import Server, free_port
+from vrfs import fs
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -36,26 +36,15 @@ BS = 64 * KiB
 NAME = "hv1"
 MAX_FILE = 3 * MiB  # no file grows past this: steps stay fast
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-RENAME_EXCHANGE = 2
 AT_FDCWD = -100
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"fallocate(PUNCH_HOLE): {os.strerror(e)}")
+    fs.fallocate(fd, fs.FALLOC_FL_PUNCH_HOLE | fs.FALLOC_FL_KEEP_SIZE, offset, length)
 
 
 def renameat2(old: Path, new: Path, flags: int) -> None:
-    if _libc.renameat2(AT_FDCWD, os.fsencode(old), AT_FDCWD, os.fsencode(new), flags) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"renameat2({old}, {new}, {flags}): {os.strerror(e)}")
+    fs.renameat2(AT_FDCWD, str(old), str(new), flags)  # absolute paths: the dir fd is not used
 
 
 def sha(data: bytes | bytearray) -> str:
@@ -352,7 +341,7 @@ class Rig:
 
     def do_exchange(self, a: str, b: str) -> None:
         """renameat2(RENAME_EXCHANGE) of two files or two directories."""
-        renameat2(self.m(a), self.m(b), RENAME_EXCHANGE)
+        renameat2(self.m(a), self.m(b), fs.RENAME_EXCHANGE)
         if a in self.model.files:
             f = self.model.files
             f[a], f[b] = f[b], f[a]

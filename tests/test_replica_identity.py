@@ -279,10 +279,8 @@ def test_disks_deleted_while_unmounted_leave_the_dr_site_too(site: Site) -> None
 
 
 def _exchange(a: Path, b: Path) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # RENAME_EXCHANGE
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    from vrfs import fs
+    fs.renameat2(-100, str(a), str(b), fs.RENAME_EXCHANGE)  # absolute paths: the dir fd is not used
 
 
 def test_rename_exchange_of_groups_and_of_disks_converges(site: Site) -> None:

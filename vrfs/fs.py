@@ -21,12 +21,12 @@ import pyfuse3
 import trio
 
 from vrfs.inodes import InodeTable
+from vrfs.layout import STATE_DIR
 from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR
 from vrfs.tracker import Tracker
 
 log = logging.getLogger("vrfs.fs")
 
-STATE_DIR = ".vrfs"
 RESERVED_XATTR_PREFIX = "user.vrfs."
 # Reads and writes at least this large go to a worker thread so that the trio
 # thread keeps dispatching requests meanwhile; smaller ones cost less inline
@@ -261,15 +261,27 @@ class Datastore(pyfuse3.Operations):
                 follow_symlinks=False)
         return self._entry(new_path)
 
+    async def _other_name(self, st: os.stat_result, path: str) -> str | None:
+        """Another name of a hard-linked disk whose tracked name ``path`` is
+        about to go; looked up before the change, so no await comes between
+        the backing change and the tracker's."""
+        if self._tracker is None or st.st_nlink <= 1 or not self._tracker.tracks(st.st_ino, path):
+            return None
+        known = self._inodes.other_path(self._inodes.fuse_ino(st.st_ino), path)
+        if known is not None:
+            return known
+        return await trio.to_thread.run_sync(self._tracker.find_name, st.st_ino, path, limiter=self._limiter)
+
     @_errno_boundary
     async def unlink(self, parent_inode, name, ctx):
         path = self._child(parent_inode, name)
         st = self._lstat(path)
+        other = await self._other_name(st, path)
         os.unlink(path, dir_fd=self._root)
         ino = self._inodes.fuse_ino(st.st_ino)
         self._inodes.unlinked(ino, path)
         if st.st_nlink > 1 and self._tracker is not None:
-            self._tracker.name_removed(st.st_ino, path, self._inodes.other_path(ino, path))
+            self._tracker.name_removed(st.st_ino, path, other)
         self._forget_disk_if_gone(st)
 
     @_errno_boundary
@@ -287,6 +299,7 @@ class Datastore(pyfuse3.Operations):
             replaced = self._lstat(new)
         except FileNotFoundError:
             replaced = None
+        other = await self._other_name(replaced, new) if replaced is not None else None
         if flags:
             renameat2(self._root, old, new, flags)
         else:
@@ -300,7 +313,7 @@ class Datastore(pyfuse3.Operations):
             ino = self._inodes.fuse_ino(replaced.st_ino)
             self._inodes.unlinked(ino, new)
             if replaced.st_nlink > 1 and self._tracker is not None:  # a name of a hard-linked disk
-                self._tracker.name_removed(replaced.st_ino, new, self._inodes.other_path(ino, new))
+                self._tracker.name_removed(replaced.st_ino, new, other)
             self._forget_disk_if_gone(replaced)
         self._inodes.renamed(old, new)
         if self._tracker is not None:

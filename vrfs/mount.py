@@ -23,7 +23,8 @@ import trio
 from vrfs import control, daemon
 from vrfs.durable import write_atomically
 from vrfs.errors import EXIT_USAGE, UserError
-from vrfs.fs import STATE_DIR, Datastore
+from vrfs.fs import Datastore
+from vrfs.layout import CONFIG_NAME, LOCK_NAME, STATE_DIR, TRACKING_DIR
 from vrfs.mountinfo import is_fuse_mount
 from vrfs.openwriters import describe, find_open_writers
 from vrfs.parse import parse_address, parse_block_size, parse_duration
@@ -32,7 +33,6 @@ from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 log = logging.getLogger("vrfs.mount")
 
 DEFAULT_BLOCK_SIZE = 64 << 10
-CONFIG_NAME = "datastore.json"
 
 
 @dataclass
@@ -111,7 +111,7 @@ def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[
         except FileExistsError:
             pass
         vrfs_fd = os.open(STATE_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)
-        lock_fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=vrfs_fd)
+        lock_fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=vrfs_fd)
     except NotADirectoryError:
         raise UserError(f"{where} is not a directory: vrfs keeps its state there; "
                         "move it away") from None
@@ -124,10 +124,10 @@ def _open_state(root_fd: int, source: str, block_size_arg: str | None) -> tuple[
         raise UserError(f"{source} is already served by vrfs (pid {holder or '?'})") from None
     try:
         try:
-            os.mkdir("state", 0o700, dir_fd=vrfs_fd)
+            os.mkdir(TRACKING_DIR, 0o700, dir_fd=vrfs_fd)
         except FileExistsError:
             pass
-        state_fd = os.open("state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=vrfs_fd)
+        state_fd = os.open(TRACKING_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=vrfs_fd)
     except OSError as exc:
         raise UserError(f"cannot open {where}/state: {exc.strerror}") from None
 
@@ -280,7 +280,7 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
             await tracker.checkpoint()
             return {"checkpoints": tracker.checkpoints}
         if op in ("verify", "verify-status", "verify-pause"):
-            return _verify_request(shipper, request)
+            return await _verify_request(shipper, request)
         return {"error": f"unknown request {op!r}"}
 
     async with trio.open_nursery() as nursery:
@@ -311,7 +311,7 @@ async def _stop_on_signal() -> None:
             return
 
 
-def _verify_request(shipper, request: dict) -> dict:
+async def _verify_request(shipper, request: dict) -> dict:
     if shipper is None or shipper.verifier is None:
         return {"error": "this datastore does not replicate (no --peer): there is nothing to verify"}
     verifier = shipper.verifier
@@ -324,10 +324,12 @@ def _verify_request(shipper, request: dict) -> dict:
             return {"error": "bad verify request"}
         answer = verifier.start(groups, repair, rate)
         if "error" not in answer:
+            await verifier.save()
             answer["connected"] = shipper.connected
         return answer
     if op == "verify-pause":
         verifier.pause()
+        await verifier.save()
     answer = verifier.status()
     answer["connected"] = shipper.connected
     answer["link_error"] = shipper.last_error

@@ -34,6 +34,7 @@ from pathlib import Path
 from vrfs.cycle import MAX_HISTORY, DiskEntry
 from vrfs.durable import atomic_write, fsync_dir
 from vrfs.errors import UserError
+from vrfs.layout import CONFIG_NAME, GENERATIONS_FILE, LINEAGE_FILE, LOCK_NAME, STATE_DIR, TRACKING_DIR
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
@@ -127,7 +128,7 @@ def _empty_target(to: Path, datastore_ok: bool = False) -> None:
     if not to.exists():
         return
     entries = [p.name for p in to.iterdir()] if to.is_dir() else None
-    if entries is None or (entries and not (datastore_ok and entries == [".vrfs"])):
+    if entries is None or (entries and not (datastore_ok and entries == [STATE_DIR])):
         raise UserError(f"{to} exists and is not an empty directory")
 
 
@@ -244,7 +245,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     newest = _settled(store, source, group)
     if not resuming:
         _check_intact(store, source, newest)
-    chosen = point if resuming is False else state.fenced.get("point")
+    chosen = state.fenced.get("point") if resuming else point
     state = _point_state(store, source, group, chosen)
     lines = []
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
@@ -295,7 +296,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     acknowledged, and the blocks changed after it. A disk failed over at that
     very point then costs only the blocks changed on either side since."""
     dstore = _dir_store(store)
-    meta = datastore / STATE_DIR_NAME
+    meta = datastore / STATE_DIR
     if not meta.is_dir():
         raise UserError(f"{datastore} is not a vrfs datastore (no {meta})")
     _not_served(datastore)
@@ -327,7 +328,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
         else:
             lines.append(f"{path}: seed of the reverse direction ({disk.reason or 'never replicated'}: "
                          "it is compared block by block)")
-        (meta / "state" / f"{disk.ino}.psf").unlink(missing_ok=True)
+        (meta / TRACKING_DIR / f"{disk.ino}.psf").unlink(missing_ok=True)
     fsync_dir(seeds)
     _remove_empty_dirs(datastore)
     for src, grp, state in store.groups():
@@ -341,14 +342,12 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     return lines
 
 
-STATE_DIR_NAME = ".vrfs"
-
 
 def _remove_empty_dirs(datastore: Path) -> None:
     """The VMs' directories emptied by a reprotect: a failback may then use the datastore again."""
     for root, _dirs, _files in os.walk(datastore, topdown=False):
         path = Path(root)
-        if path == datastore or STATE_DIR_NAME in path.relative_to(datastore).parts:
+        if path == datastore or STATE_DIR in path.relative_to(datastore).parts:
             continue
         try:
             path.rmdir()
@@ -358,7 +357,7 @@ def _remove_empty_dirs(datastore: Path) -> None:
 
 def _not_served(datastore: Path) -> None:
     try:
-        fd = os.open(datastore / STATE_DIR_NAME / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(datastore / STATE_DIR / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise UserError(f"cannot check {datastore}: {exc.strerror}") from None
     try:
@@ -372,13 +371,13 @@ def _not_served(datastore: Path) -> None:
 def _tracked(datastore: Path) -> list:  # type: ignore[type-arg]
     """The datastore's disks as its tracker recovers them (vrfs/tracker.py), read only."""
     try:
-        config = json.loads((datastore / STATE_DIR_NAME / "datastore.json").read_bytes())
+        config = json.loads((datastore / STATE_DIR / CONFIG_NAME).read_bytes())
         block_size, extent_size = int(config["block_size"]), int(config["extent_size"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(f"{datastore}: cannot read its settings ({exc})") from None
     root_fd = os.open(datastore, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        state_fd = os.open(datastore / STATE_DIR_NAME / "state", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        state_fd = os.open(datastore / STATE_DIR / TRACKING_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         os.close(root_fd)
         raise UserError(f"{datastore} has no tracking state") from None
@@ -394,12 +393,12 @@ def _tracked(datastore: Path) -> list:  # type: ignore[type-arg]
 def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_size: int) -> None:
     """State files that say each disk is exactly at the point (clean, nothing
     dirty, its identity kept), the datastore's settings, and where it came from."""
-    meta = to / ".vrfs"
-    (meta / "state").mkdir(parents=True, exist_ok=True)
-    config = meta / "datastore.json"
+    meta = to / STATE_DIR
+    (meta / TRACKING_DIR).mkdir(parents=True, exist_ok=True)
+    config = meta / CONFIG_NAME
     if not config.exists():
         atomic_write(config, json.dumps({"block_size": block_size, "extent_size": DEFAULT_EXTENT_SIZE}).encode())
-    lineage_file, generations_file = meta / "lineage.json", meta / "generations.json"
+    lineage_file, generations_file = meta / LINEAGE_FILE, meta / GENERATIONS_FILE
     try:
         lineage = json.loads(lineage_file.read_bytes())
     except FileNotFoundError:
@@ -412,7 +411,7 @@ def _write_lineage(to: Path, source: str, group: str, state: GroupState, block_s
         st = os.lstat(to / disk.path)
         if not stat.S_ISREG(st.st_mode):
             continue
-        atomic_write(meta / "state" / f"{st.st_ino}.psf", _clean_state(disk, st).encode())
+        atomic_write(meta / TRACKING_DIR / f"{st.st_ino}.psf", _clean_state(disk, st).encode())
         lineage[disk.disk_id.hex()] = {"source": source, "group": group, "path": disk.path,
                                        "point": state.cycle_id, "cut_time": state.cut_time}
         # A new generation: the copy left at the old site stays in the old one.

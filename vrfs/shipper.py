@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
+from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
 from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
@@ -30,8 +31,6 @@ log = logging.getLogger("vrfs.shipper")
 DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
-LINEAGE_FILE = "lineage.json"
-GENERATIONS_FILE = "generations.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
 FENCED_RETRY = 60.0  # seconds between tries of a group that the DR site fenced (failed over)
 IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that the link is still up

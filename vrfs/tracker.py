@@ -128,7 +128,6 @@ class Tracker:
         self.checkpoints = 0
         self.last_checkpoint = 0.0
         self.degraded = ""  # why tracking state is not durable now, if it is not
-        self.untracked: set[bytes] = set()  # disks whose tracking could not be made durable meanwhile
 
     # ---------------------------------------------------------------- loading
 
@@ -331,7 +330,6 @@ class Tracker:
             log.error("%s: %s", ", ".join(sorted(d.path for d in disks)), reason)
         self.degraded = reason
         for disk in disks:
-            self.untracked.add(disk.disk_id)
             if not disk.needs_full_sync:
                 disk.mark_full(reason)
             try:
@@ -345,7 +343,6 @@ class Tracker:
         if self.degraded:
             log.warning("tracking state is durable again (before: %s)", self.degraded)
             self.degraded = ""
-            self.untracked.clear()
             self._checkpoint_soon.set()
 
     # ------------------------------------------------------------- namespace
@@ -374,16 +371,23 @@ class Tracker:
     def name_removed(self, ino: int, path: str, other: str | None) -> None:
         """One name of a disk with several (hard links) is gone: it replicates
         under another one, or, if no other name is known, stops replicating."""
-        disk = self.disks.get(ino)
-        if disk is None or disk.path != path:
+        if not self.tracks(ino, path):
             return
-        if other is None:  # the kernel never looked it up: find it in the backing tree
-            other = next((p for p, st in self._walk() if st.st_ino == ino and p != path), None)
         if other is not None:
             self.renamed(path, other)
         else:
             log.warning("%s: removed, and its other names are unknown; it is no longer replicated", path)
             self.removed(ino)
+
+    def tracks(self, ino: int, path: str) -> bool:
+        """Whether ``path`` is the name the disk of ``ino`` replicates under."""
+        disk = self.disks.get(ino)
+        return disk is not None and disk.path == path
+
+    def find_name(self, ino: int, exclude: str) -> str | None:
+        """Another name of ``ino`` in the backing tree (blocking: a walk; for a
+        hard-linked disk whose other names the kernel never looked up)."""
+        return next((p for p, st in self._walk() if st.st_ino == ino and p != exclude), None)
 
     def renamed(self, old: str, new: str) -> None:
         """A file or directory moved; disks below it follow."""

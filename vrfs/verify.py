@@ -147,13 +147,15 @@ class Verifier:
         self._plan(self.job)
         log.info("verify %s started: %s, %s", self.job.id, ", ".join(groups) or "every group",
                  "repairing" if repair else "reporting only")
-        self._save()
         return {"job": self.job.id, "resumed": False}
 
     def pause(self) -> None:
         if self.job is not None and self.job.finished is None:
             self.job.paused = True
-            self._save()
+
+    async def save(self) -> None:
+        """Keep the job's position and findings (a write and an fsync: off the trio thread)."""
+        await trio.to_thread.run_sync(self._save, limiter=self.limiter)
 
     def status(self) -> dict:
         current = self.job.summary() if self.job is not None else None
@@ -180,6 +182,7 @@ class Verifier:
         if not self.busy:
             if self.every and self._periodic_due():
                 self.start([], True, 0, periodic=True)
+                await self.save()
             return
         if now < self._next_at:
             return  # rate limit
@@ -188,6 +191,7 @@ class Verifier:
         work = self._next_disk(job)
         if work is None:
             self._finish(job)
+            await self.save()
             return
         disk, result = work
         try:
@@ -199,7 +203,7 @@ class Verifier:
         if job.rate:
             self._next_at = time.monotonic() + nbytes / job.rate
         if time.monotonic() - self._saved_at > SAVE_EVERY:
-            await trio.to_thread.run_sync(self._save, limiter=self.limiter)
+            await self.save()
 
     def _plan(self, job: Job) -> None:
         for disk in sorted(self.tracker.disks.values(), key=lambda d: d.path):
@@ -303,7 +307,6 @@ class Verifier:
         for key, result in job.results.items():
             self.findings[key] = {"state": result.state, "differing": result.differing, "finished": job.finished}
         log.info("verify %s finished: %s", job.id, self.last["result"])
-        self._save()
 
     def _periodic_due(self) -> bool:
         last = self.last["finished"] if self.last else None
