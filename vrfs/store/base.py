@@ -192,11 +192,8 @@ class Store(ABC):
         path.parent.mkdir(exist_ok=True)
         atomic_write(path, json.dumps(state.to_json()).encode())
 
-    def points(self, source: str) -> dict[str, int]:
-        return {group: state.cycle_id for src, group, state in self.groups() if src == source}
-
     def groups(self) -> list[tuple[str, str, GroupState]]:
-        out = []
+        out: list[tuple[str, str, GroupState]] = []
         meta = self.state_dir / "meta"
         if not meta.is_dir():
             return out
