@@ -9,13 +9,14 @@ import argparse
 import codecs
 import os
 import sys
+from typing import NoReturn
 
 from vrfs import DEFAULT_PORT, __version__
 from vrfs.errors import EXIT_USAGE, UserError
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other bad input
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other bad input
         # main() prints the "vrfs: " in front; a subcommand's name stays ("mount: ...").
         where = self.prog.split(" ", 1)[1] + ": " if " " in self.prog else ""
         raise UserError(f"{where}{message} (see --help)", EXIT_USAGE)

@@ -23,7 +23,7 @@ import trio
 from vrfs.inodes import InodeTable
 from vrfs.layout import STATE_DIR
 from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR
-from vrfs.tracker import Tracker
+from vrfs.tracker import Disk, Tracker
 
 log = logging.getLogger("vrfs.fs")
 
@@ -150,7 +150,7 @@ class Datastore(pyfuse3.Operations):
         if self._euid == 0 and (ctx.uid, ctx.gid) != (0, 0):
             os.chown(path, ctx.uid, ctx.gid, dir_fd=self._root, follow_symlinks=False)
 
-    def _disk(self, ino: int):
+    def _disk(self, ino: int) -> Disk | None:
         if self._tracker is None:
             return None
         return self._tracker.disk(self._inodes.backing_ino(ino))
@@ -189,33 +189,46 @@ class Datastore(pyfuse3.Operations):
         if fields.update_mode:
             if fh is not None:
                 os.fchmod(fh, stat.S_IMODE(attr.st_mode))
-            elif not stat.S_ISLNK(self._lstat(path).st_mode):
-                os.chmod(path, stat.S_IMODE(attr.st_mode), dir_fd=self._root)
+            else:
+                assert path is not None  # looked up above when there is no fh
+                if not stat.S_ISLNK(self._lstat(path).st_mode):
+                    os.chmod(path, stat.S_IMODE(attr.st_mode), dir_fd=self._root)
         if fields.update_uid or fields.update_gid:
             uid = attr.st_uid if fields.update_uid else -1
             gid = attr.st_gid if fields.update_gid else -1
             if fh is not None:
                 os.fchown(fh, uid, gid)
             else:
+                assert path is not None  # looked up above when there is no fh
                 os.chown(path, uid, gid, dir_fd=self._root, follow_symlinks=False)
         if fields.update_atime or fields.update_mtime:
-            st = os.fstat(fh) if fh is not None else self._lstat(path)
+            if fh is not None:
+                st = os.fstat(fh)
+            else:
+                assert path is not None  # looked up above when there is no fh
+                st = self._lstat(path)
             times = (attr.st_atime_ns if fields.update_atime else st.st_atime_ns,
                      attr.st_mtime_ns if fields.update_mtime else st.st_mtime_ns)
             if fh is not None:
                 os.utime(fh, ns=times)
             else:
+                assert path is not None
                 os.utime(path, ns=times, dir_fd=self._root, follow_symlinks=False)
         return await self.getattr(inode, ctx)
 
     async def _truncate(self, inode: int, path: str | None, fh: int | None, size: int) -> None:
-        fd = fh if fh is not None else os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=self._root)
+        if fh is not None:
+            fd = fh
+        else:
+            assert path is not None  # the caller looks the path up when there is no fh
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC, dir_fd=self._root)
         try:
             disk = self._disk(inode)
             if disk is None:
                 await trio.to_thread.run_sync(os.ftruncate, fd, size, limiter=self._limiter)
                 return
             old = os.fstat(fd).st_size
+            assert self._tracker is not None  # a disk is only known through the tracker
             group = await self._tracker.begin_write(disk, *self._tracker.resize_range(old, size))
             try:
                 await trio.to_thread.run_sync(os.ftruncate, fd, size, limiter=self._limiter)
@@ -465,6 +478,7 @@ class Datastore(pyfuse3.Operations):
         disk = self._disk(self._files[fh])
         if disk is None:
             return await self._io(len(buf), os.pwrite, fh, buf, off)
+        assert self._tracker is not None  # a disk is only known through the tracker
         group = await self._tracker.begin_write(disk, off, len(buf))
         try:
             written = await self._io(len(buf), os.pwrite, fh, buf, off)
@@ -482,6 +496,7 @@ class Datastore(pyfuse3.Operations):
         if disk is None or not (changes_content or grows):
             await trio.to_thread.run_sync(fallocate, fh, mode, offset, length, limiter=self._limiter)
             return
+        assert self._tracker is not None  # a disk is only known through the tracker
         span = (offset, length) if changes_content else self._tracker.resize_range(old, offset + length)
         group = await self._tracker.begin_write(disk, *span)
         try:

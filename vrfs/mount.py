@@ -339,6 +339,7 @@ async def _verify_request(shipper, request: dict) -> dict:
 def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool) -> dict:
     disks = []
     for disk in (tracker.disks.values() if tracker else ()):
+        assert tracker is not None  # there are disks only with a tracker
         info = tracker.describe(disk, ranges)
         if shipper is not None:
             info.update(shipper.describe(disk))

@@ -40,7 +40,7 @@ from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
 from vrfs.store.points import clone
 from vrfs.store.journal import Journal
-from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
+from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
 from vrfs.wire import encode_bitmap
 
 TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it, for --cleanup
@@ -102,6 +102,7 @@ def _write_image(store: DirStore, source: str, group: str, newest: GroupState, p
     current = newest.by_id().get(disk.disk_id)
     replica = store.replica(source, current.path) if current is not None else None
     if point.cycle_id == newest.cycle_id:
+        assert replica is not None  # the newest point's disk is in the newest state
         clone(replica, dest)
     else:
         store.points.materialize(source, group, point.cycle_id, disk, replica, dest)
@@ -237,7 +238,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     if state.fenced and state.fenced.get("done"):
         raise UserError(f"{source}/{group} is already failed over: {state.fenced.get('reason')}")
     resuming = state.fenced is not None
-    if resuming and Path(state.fenced.get("to", "")) != to:
+    if state.fenced is not None and Path(state.fenced.get("to", "")) != to:
         raise UserError(f"{source}/{group} is being failed over to {state.fenced.get('to')}; "
                         "run the same command again to finish it")
     if not resuming:
@@ -245,7 +246,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     newest = _settled(store, source, group)
     if not resuming:
         _check_intact(store, source, newest)
-    chosen = state.fenced.get("point") if resuming else point
+    chosen = state.fenced.get("point") if state.fenced is not None else point
     state = _point_state(store, source, group, chosen)
     lines = []
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
@@ -368,7 +369,7 @@ def _not_served(datastore: Path) -> None:
         os.close(fd)
 
 
-def _tracked(datastore: Path) -> list:  # type: ignore[type-arg]
+def _tracked(datastore: Path) -> list[Disk]:
     """The datastore's disks as its tracker recovers them (vrfs/tracker.py), read only."""
     try:
         config = json.loads((datastore / STATE_DIR / CONFIG_NAME).read_bytes())

@@ -20,6 +20,7 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -277,6 +278,7 @@ class Tracker:
     async def _make_hot(self, disk: Disk, first: int, stop: int) -> None:
         per_extent = disk.extent_size // disk.block_size
         while True:
+            assert self._al is not None  # opened by start(), before any write
             gen = self._al.generation
             cold = [e for e in range(first // per_extent, (stop - 1) // per_extent + 1) if e not in disk.hot]
             if not cold:
@@ -302,6 +304,7 @@ class Tracker:
                 batch, self._queue = self._queue, []
                 if not batch:
                     continue
+                assert self._al is not None  # opened by start(), before any write
                 al = self._al
                 records = b"".join(activitylog.encode_record(d.disk_id, e) for d, e, gen in batch
                                    if gen == al.generation)
@@ -397,7 +400,7 @@ class Tracker:
         """Two files or directories swapped names (RENAME_EXCHANGE), at once."""
         self._move(lambda p: exchanged_path(p, a, b))
 
-    def _move(self, where) -> None:  # type: ignore[no-untyped-def]
+    def _move(self, where: Callable[[str], str | None]) -> None:
         moves = [(disk, where(disk.path)) for disk in self.disks.values()]
         moves = [(disk, new) for disk, new in moves if new is not None]
         moved = {disk for disk, _ in moves}
@@ -409,6 +412,7 @@ class Tracker:
                 log.info("%s: replaced by a rename", disk.path)
                 self.removed(ino)
         for disk, new in moves:
+            assert new is not None  # moves keeps only the disks that moved
             old_group = disk.group
             self.note_change(old_group)
             disk.path = new
@@ -510,6 +514,7 @@ class Tracker:
                 self.note_change(disk.group)
 
     async def checkpoint(self, *, clean: bool = False, all_disks: bool = False) -> None:
+        assert self._al is not None  # opened by start(), which writes the first checkpoint
         async with self._checkpoint_lock:
             async with self._al_lock:
                 old = self._al
@@ -587,6 +592,7 @@ class Tracker:
             await self.checkpoint(clean=True)
         except OSError as exc:
             log.error("final checkpoint failed (%s): the next mount recovers from the activity log", exc)
+        assert self._al is not None
         self._al.close()
 
     # ---------------------------------------------------------------- status
@@ -698,6 +704,7 @@ class Cut:
         if kept is None:
             return read
         if isinstance(kept, tuple):
+            assert self._spill_fd is not None  # a tuple is where preserve() spilled it
             return os.pread(self._spill_fd, kept[1], kept[0])
         self.preserved_bytes -= len(kept)
         return kept

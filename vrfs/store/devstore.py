@@ -21,7 +21,7 @@ import struct
 from pathlib import Path
 
 from vrfs.cycle import BadPath, CycleHeader, DiskEntry, check_path
-from vrfs.store.base import Copy, Refusal, Store, StoreError, adoptions, write_all
+from vrfs.store.base import Copy, GroupState, Refusal, Store, StoreError, adoptions, write_all
 from vrfs.wire import ProtocolError, check_name
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a range, offloaded to the device where it can be
@@ -85,11 +85,11 @@ class DevStore(Store):
         except KeyError:
             raise StoreError(f"{source}/{path} has no device in {self.mapfile}") from None
 
-    def check_cycle(self, source: str, header: CycleHeader, old) -> None:  # type: ignore[no-untyped-def]
+    def check_cycle(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
         self.read_map()  # before the integrity checks, which look devices up
         super().check_cycle(source, header, old)
 
-    def check_backend(self, source: str, header: CycleHeader, old) -> None:  # type: ignore[no-untyped-def]
+    def check_backend(self, source: str, header: CycleHeader, old: GroupState | None) -> None:
         written = set()
         for disk in header.disks:
             dev = self.device(source, disk.path)
