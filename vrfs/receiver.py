@@ -43,7 +43,7 @@ from vrfs.wire import (
 
 log = logging.getLogger("vrfs.receiver")
 
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = float(os.environ.get("VRFS_HANDSHAKE_TIMEOUT", "30"))
 # Inside a cycle the source streams without pause; one that goes silent there
 # holds its group, so it is cut off. (Between cycles a source may be idle.)
 CYCLE_IDLE_TIMEOUT = float(os.environ.get("VRFS_CYCLE_IDLE_TIMEOUT", "60"))
