@@ -22,6 +22,16 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{where}{message} (see --help)", EXIT_USAGE)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value} is outside 1..1000000")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vrfs",
@@ -170,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(one point per 5 minutes for the last hour, one per hour for a day, one per day for a "
                         "week); a point costs the blocks that changed after it (default: the newest only; "
                         "dir: stores)")
+    r.add_argument("--max-connections", metavar="N", type=_positive_int, default=None,
+                   help="connections served at once (default: 64, fewer when the descriptor limit, ulimit -n, "
+                        "leaves less than 64 descriptors beside them for the store). At the bound a new "
+                        "connection takes the place of the oldest one still in its handshake, or of a "
+                        "session silent for more than 10 minutes; else it is closed at once, unread. One "
+                        "source needs one connection")
     r.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     r.add_argument("--log", metavar="FILE", help="log file of the background daemon")

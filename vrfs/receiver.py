@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 import xxhash
 
-from vrfs import __version__
+from vrfs import __version__, admission
 from vrfs.cycle import CycleHeader
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
@@ -43,7 +43,7 @@ from vrfs.wire import (
 
 log = logging.getLogger("vrfs.receiver")
 
-HANDSHAKE_TIMEOUT = 30.0
+HANDSHAKE_TIMEOUT = float(os.environ.get("VRFS_HANDSHAKE_TIMEOUT", "30"))
 # Inside a cycle the source streams without pause; one that goes silent there
 # holds its group, so it is cut off. (Between cycles a source may be idle.)
 CYCLE_IDLE_TIMEOUT = float(os.environ.get("VRFS_CYCLE_IDLE_TIMEOUT", "60"))
@@ -138,6 +138,7 @@ class Receiver:
         if scope.cancelled_caught:
             raise ProtocolError(f"no HELLO within {HANDSHAKE_TIMEOUT:g} s")
         source = check_name(field(hello, "source", str), "source name")
+        admission.established()
         points, resync = await self._run(self._inventory, source)
         await frames.send_control(MsgType.WELCOME, {
             "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}",

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from vrfs import control, daemon, recovery
+from vrfs import admission, control, daemon, recovery
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
@@ -43,6 +43,7 @@ def serve_main(args: Any) -> int:
     if policy and not isinstance(store, DirStore):
         raise UserError(f"--retain: {args.store} cannot keep older points (dir: stores can)", EXIT_USAGE)
     store.policy = policy
+    admission.configure(args.max_connections)
     log_file = Path(args.log).absolute() if args.log else None
     if args.foreground:
         _open_store(store)
@@ -96,7 +97,7 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, control_path, RecoveryRequests(store, receiver).handle)
             (store.state_dir / CONTROL_FILE).write_text(control_path + "\n")
-            await nursery.start(trio.serve_listeners, receiver.handle, listeners)
+            await nursery.start(admission.serve_listeners, receiver.handle, listeners)
             log.info("serving %s on %s:%d (store id %s, keeping %s)", store.url, host, port, store.store_id,
                      format_policy(store.policy))
             ready()

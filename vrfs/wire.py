@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import math
+import re
 import struct
 import threading
 import zlib
@@ -210,7 +211,28 @@ def encode_control(message: dict[str, Any]) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode()
 
 
+# Values a control message may hold: the largest legitimate one is a
+# CYCLE_BEGIN of MAX_DISKS_PER_GROUP disks, each an object of a few fields and
+# a history of up to MAX_HISTORY generations. Counted before parsing: 8 MiB of
+# `[{},{},…]` would otherwise become 200 MiB of Python objects.
+MAX_CONTROL_VALUES = MAX_DISKS_PER_GROUP * (MAX_HISTORY + 16) + 1024
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_STRUCTURE = (b",", b":", b"[", b"{")
+
+
+def _values_bound(payload: bytes) -> None:
+    """Refuse a control message with more values than MAX_CONTROL_VALUES
+    (commas, colons and openings outside strings), keeping what parsing it
+    allocates within a small multiple of its size."""
+    if sum(payload.count(c) for c in _STRUCTURE) <= MAX_CONTROL_VALUES:
+        return  # the common case: not even counting inside strings reaches the bound
+    skeleton = _JSON_STRING.sub(b"", payload)
+    if sum(skeleton.count(c) for c in _STRUCTURE) > MAX_CONTROL_VALUES:
+        raise ProtocolError(f"control message holds more than {MAX_CONTROL_VALUES} values")
+
+
 def decode_control(payload: bytes) -> dict[str, Any]:
+    _values_bound(payload)
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:

@@ -10,6 +10,7 @@ record is applied, again after a crash (apply is idempotent), then removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -20,6 +21,17 @@ from vrfs.durable import atomic_write, fsync_dir, remove_tree
 from vrfs.wire import BATCH_RECORD, KIND_DATA, ProtocolError, header_from_json, header_to_json
 
 READ_CHUNK = 8 << 20
+
+
+def staging_reserve(fs_size: int) -> int:
+    """Free space that staging leaves on the store's file system: 5 % of it,
+    at most 1 GiB (VRFS_STAGING_RESERVE, in bytes, overrides). What a cycle
+    may stage is bounded by what the receiver sees free, never by the disk
+    sizes the peer declares (a peer may declare 1 PiB)."""
+    value = os.environ.get("VRFS_STAGING_RESERVE")
+    if value:
+        return int(value)
+    return min(1 << 30, fs_size // 20)
 
 
 class DamagedJournal(OSError):
@@ -58,7 +70,14 @@ class Journal:
         return journal
 
     def append(self, data: bytes) -> None:
+        """Stage more blocks; ENOSPC (a refusal of this cycle alone) when they
+        would leave less than the reserve free (staging_reserve)."""
         assert self._fd is not None
+        st = os.fstatvfs(self._fd)
+        reserve = staging_reserve(st.f_blocks * st.f_frsize)
+        if st.f_bavail * st.f_frsize - len(data) < reserve:
+            raise OSError(errno.ENOSPC, f"staging it would leave less than {_size(reserve)} free on the store's "
+                                        "file system (the reserve kept for applying cycles)")
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
@@ -139,3 +158,7 @@ class Journal:
                 if data is not None and len(data) != length:
                     raise OSError(f"journal {self.path} is truncated")
                 yield disk_index, block_index, data
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"
