@@ -52,10 +52,17 @@ def main() -> int:
     port = free_port()
     mounted = False
     try:
+        dr_tls, site_tls = str(work / "tls-dr"), str(work / "tls-site")
+        print("# each site makes its key; each pins the other's certificate (mutual TLS, no CA)")
+        vrfs("keygen", "--tls-dir", dr_tls, "--name", "dr")
+        vrfs("keygen", "--tls-dir", site_tls, "--name", "demo-site")
+        vrfs("trust", "add", "demo-site", f"{site_tls}/site.crt", "--tls-dir", dr_tls)
+        vrfs("trust", "add", "dr", f"{dr_tls}/site.crt", "--tls-dir", site_tls)
         print(f"# DR site: a receiver with a dir: store in {store}")
-        vrfs("serve", "--listen", f"127.0.0.1:{port}", "--store", f"dir:{store}")
+        vrfs("serve", "--listen", f"127.0.0.1:{port}", "--store", f"dir:{store}", "--tls-dir", dr_tls)
         print(f"# protected site: the datastore {datastore}, mounted over itself, replicating")
-        vrfs("mount", str(datastore), "--peer", f"127.0.0.1:{port}", "--name", "demo-site", "--rpo", "4s")
+        vrfs("mount", str(datastore), "--peer", f"127.0.0.1:{port}", "--name", "demo-site", "--rpo", "4s",
+             "--tls-dir", site_tls)
         mounted = True
 
         print("# a VM writes its disk through the mount")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from servehelpers import REPO, vrfs_command, vrfs_env
+from tlshelpers import mount_args
 
 
 def is_mounted(path: Path) -> bool:
@@ -41,7 +42,7 @@ class Mount:
         argv = ["mount", str(self.source)]
         if self.mountpoint != self.source:
             argv.append(str(self.mountpoint))
-        self.proc = subprocess.Popen(vrfs_command(*argv, "--foreground", *self.args), stdout=log,
+        self.proc = subprocess.Popen(vrfs_command(*argv, "--foreground", *self.args, *mount_args(self.args)), stdout=log,
                                      stderr=log, env=vrfs_env(self.env), cwd=REPO)
         log.close()
         deadline = time.monotonic() + timeout

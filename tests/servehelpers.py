@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,6 +19,8 @@ import xxhash
 
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.link import Link
+from vrfs.tls import ClientTls
+from tlshelpers import client_tls, serve_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,6 +52,8 @@ class Server:
         self.port = port or free_port()
         self.env = env or {}
         self.args: tuple[str, ...] = ()  # more options of vrfs serve
+        self.insecure = False  # plain TCP: for tests of what the frame layer does with any bytes
+        self.preexec: Callable[[], object] | None = None  # run in the child before exec (e.g. setrlimit)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Server:
@@ -57,8 +61,8 @@ class Server:
         start_at = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
             vrfs_command("serve", "--foreground", "--listen", f"127.0.0.1:{self.port}", "--store", self.store_url,
-                         *self.args),
-            stdout=log, stderr=log, env=vrfs_env(self.env), cwd=REPO)
+                         *self.args, *(["--insecure"] if self.insecure else serve_args(self.args))),
+            stdout=log, stderr=log, env=vrfs_env(self.env), cwd=REPO, preexec_fn=self.preexec)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -104,7 +108,10 @@ def running_server(store_url: str, log_path: Path, **kw: object) -> Iterator[Ser
 
 
 async def connect(server: Server, source: str = "hv1") -> Link:
-    return await Link.connect("127.0.0.1", server.port, source)
+    """A link as the source SOURCE: over TLS with that source's certificate, or
+    plain TCP to an insecure server."""
+    tls = ClientTls(None) if server.insecure else client_tls(source)
+    return await Link.connect("127.0.0.1", server.port, source, tls=tls)
 
 
 def disk(n: int, path: str, size: int, block_size: int = 65536) -> DiskEntry:

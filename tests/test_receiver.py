@@ -16,6 +16,7 @@ import xxhash
 from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.store import store_status
 
+from tlshelpers import serve_args
 from servehelpers import (
     Model,
     Server,
@@ -249,7 +250,8 @@ def test_serve_startup_errors(tmp_path: Path) -> None:
         ]
         for args, message in cases:
             for mode in (["--foreground"], []):
-                r = subprocess.run(vrfs_command("serve", *mode, *args), env=vrfs_env(), capture_output=True,
+                r = subprocess.run(vrfs_command("serve", *mode, *args, *serve_args()), env=vrfs_env(),
+                                   capture_output=True,
                                    text=True, timeout=20)
                 assert r.returncode != 0, (args, r.stderr)
                 assert r.stderr.startswith("vrfs: ") and message in r.stderr, (args, r.stderr)
@@ -261,7 +263,8 @@ def test_serve_startup_errors(tmp_path: Path) -> None:
 def test_daemon_mode_and_sigterm(tmp_path: Path) -> None:
     store = tmp_path / "d"
     port = free_port()
-    r = subprocess.run(vrfs_command("serve", "--listen", f"127.0.0.1:{port}", "--store", f"dir:{store}"),
+    r = subprocess.run(vrfs_command("serve", "--listen", f"127.0.0.1:{port}", "--store", f"dir:{store}",
+                                    *serve_args()),
                        env=vrfs_env(), capture_output=True, text=True, timeout=20)
     assert r.returncode == 0, r.stderr
     pid = int((store / ".vrfs/serve.pid").read_text())

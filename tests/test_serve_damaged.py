@@ -67,6 +67,7 @@ async def test_damaged_metadata_and_commit_record_stay_in_their_group(tmp_path: 
 
 async def test_a_source_silent_inside_a_cycle_releases_its_group(tmp_path: Path) -> None:
     server = Server(f"dir:{tmp_path / 'store'}", tmp_path / "serve.log", env={"VRFS_CYCLE_IDLE_TIMEOUT": "2"})
+    server.insecure = True  # the test speaks raw frames
     try:
         server.start()
         hello = wire.encode_frame(MsgType.HELLO, json.dumps({"source": "hv1"}).encode())

@@ -105,6 +105,7 @@ def attack(port: int, data: bytes) -> bytes:
 async def test_hostile_peers(tmp_path: Path) -> None:
     store = tmp_path / "replicas"
     server = Server(f"dir:{store}", tmp_path / "serve.log")
+    server.insecure = True  # the test speaks raw frames
     try:
         server.start()
         link = await connect(server)

@@ -247,7 +247,7 @@ def _keepalive(sock: trio.socket.SocketType) -> None:
 
 async def serve_listeners(handler: Callable[[AdmittedStream], Awaitable[object]],
                           listeners: list[trio.SocketListener], max_connections: int | None = None, *,
-                          loggers: tuple[str, ...] = ("vrfs.receiver",),
+                          loggers: tuple[str, ...] = ("vrfs.receiver", "vrfs.tls"),
                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Like trio.serve_listeners, with the bound, the eviction and the quiet
     handling of resource exhaustion described above. Runs until cancelled."""

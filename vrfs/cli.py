@@ -12,6 +12,7 @@ import sys
 from typing import NoReturn
 
 from vrfs import DEFAULT_PORT, __version__
+from vrfs.trust import DEFAULT_DAYS, DEFAULT_TLS_DIR
 from vrfs.errors import EXIT_USAGE, UserError
 
 
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-every", metavar="DURATION",
                    help="verify every replica against the source this often, e.g. 7d, and repair what "
                         "differs (default: off; `vrfs verify` runs one now)")
+    _link_security(m, "the source")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     m.add_argument("--no-tracking", action="store_true",
@@ -186,11 +188,60 @@ def build_parser() -> argparse.ArgumentParser:
                         "connection takes the place of the oldest one still in its handshake, or of a "
                         "session silent for more than 10 minutes; else it is closed at once, unread. One "
                         "source needs one connection")
+    _link_security(r, "the receiver")
     r.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
     r.add_argument("--log", metavar="FILE", help="log file of the background daemon")
     r.add_argument("--debug", action="store_true", help="verbose logging")
+
+    k = sub.add_parser(
+        "keygen", help="make this site's key and certificate",
+        description="Make a private key and a self-signed certificate for this site in TLS_DIR, and print the "
+                    "certificate's fingerprint. Every peer pins it with `vrfs trust add`: the link between sites "
+                    "is mutual TLS 1.3 between pinned certificates, no certificate authority involved.")
+    _tls_dir(k)
+    k.add_argument("--name", metavar="NAME",
+                   help="the site's name in its certificate (default: the host name)")
+    k.add_argument("--days", metavar="N", type=int, default=DEFAULT_DAYS,
+                   help=f"validity of the certificate in days (default: {DEFAULT_DAYS})")
+    k.add_argument("--force", action="store_true",
+                   help="replace an existing key (every peer must then pin the new certificate)")
+
+    t = sub.add_parser(
+        "trust", help="pin the peers this site talks to",
+        description="A receiver accepts a source only by a certificate pinned under the source's name (the name "
+                    "it gives with `vrfs mount --name`), and that source may only touch its own replicas. A source "
+                    "connects only to a receiver whose certificate or fingerprint is pinned. Changes take effect "
+                    "at the next connection, without a restart.")
+    tsub = t.add_subparsers(dest="trust_command", metavar="ACTION", parser_class=_Parser)
+    tsub.required = True
+    ta = tsub.add_parser("add", help="pin a peer",
+                         description="Pin NAME to a certificate (a copy of the peer's site.crt) or to its "
+                                     "fingerprint (sha256:..., as `vrfs keygen` printed it; enough for a source to "
+                                     "pin its receiver, while a receiver needs a source's certificate).")
+    ta.add_argument("name", metavar="NAME", help="the peer's name; for a source, its `vrfs mount --name`")
+    ta.add_argument("peer", metavar="CERT|FINGERPRINT")
+    _tls_dir(ta)
+    tl = tsub.add_parser("list", help="list the pinned peers")
+    _tls_dir(tl)
+    tl.add_argument("--json", action="store_true", help="machine-readable output")
+    tr = tsub.add_parser("remove", help="unpin a peer: it is refused from its next connection")
+    tr.add_argument("name", metavar="NAME")
+    _tls_dir(tr)
     return p
+
+
+def _tls_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", metavar="DIR", default=DEFAULT_TLS_DIR,
+                   help=f"this site's key and pinned peers (default: {DEFAULT_TLS_DIR}; one per site, so two "
+                        "sites can live on one machine)")
+
+
+def _link_security(p: argparse.ArgumentParser, end: str) -> None:
+    _tls_dir(p)
+    p.add_argument("--insecure", action="store_true",
+                   help=f"plain TCP instead of mutual TLS: nothing authenticated, nothing encrypted; both ends "
+                        f"must say it, and {end} shows it in its status and log (for tests on one host)")
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a command ended by SIGPIPE
@@ -254,4 +305,7 @@ def _dispatch(argv: list[str] | None) -> int:
     if args.command == "serve":
         from vrfs.serve import serve_main
         return serve_main(args)
+    if args.command in ("keygen", "trust"):
+        from vrfs import trustcmd
+        return trustcmd.keygen_main(args) if args.command == "keygen" else trustcmd.trust_main(args)
     raise AssertionError(args.command)

@@ -18,6 +18,8 @@ import xxhash
 from vrfs import __version__
 from vrfs.bitmap import Bitmap
 from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.tls import Authenticated, ClientTls, close
+from vrfs.trust import TrustError
 from vrfs.wire import (
     MAX_BATCH_RECORDS,
     EncodedBatch,
@@ -124,8 +126,9 @@ class _Pending:
 
 class Link:
     def __init__(self, frames: FrameStream, store_id: str, points: dict[str, int], zstd_level: int,
-                 resync: dict[str, set[bytes]] | None = None):
+                 resync: dict[str, set[bytes]] | None = None, security: Authenticated | None = None):
         self._frames = frames
+        self.security = security or Authenticated(insecure=True)
         self.store_id = store_id
         self.points = points
         self.resync = resync or {}  # group -> disks whose replica the receiver found missing or damaged
@@ -134,17 +137,21 @@ class Link:
         self._broken: str | None = None
 
     @classmethod
-    async def connect(cls, host: str, port: int, source_name: str, *, zstd_level: int = 1,
+    async def connect(cls, host: str, port: int, source_name: str, *, tls: ClientTls, zstd_level: int = 1,
                       congestion: str | None = "cubic", threads: int = 2) -> Link:
+        """Connect, authenticate both ends (unless `tls` is insecure), say HELLO."""
         try:
             check_name(source_name, "source name")
         except ProtocolError as exc:
             raise LinkError(str(exc)) from None
         limiter = trio.CapacityLimiter(threads)
-        stream = None
+        stream: trio.abc.Stream | None = None
+        handshook = False
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await _open_socket(host, port, congestion)
+                stream, security = await tls.wrap(stream)
+                handshook = True
                 frames = FrameStream(stream, limiter)
                 await frames.send_control(MsgType.HELLO, {"source": source_name, "software": f"vrfs {__version__}"})
                 frame = await frames.receive_expect(MsgType.WELCOME)
@@ -160,11 +167,14 @@ class Link:
                 if not isinstance(raw_resync, dict):
                     raise ProtocolError("bad resync in WELCOME")
                 resync = {check_name(g, "group"): disk_ids(ids) for g, ids in raw_resync.items()}
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError) as exc:
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError, TrustError) as exc:
             if stream is not None:
-                await stream.aclose()
-            raise LinkError(f"cannot connect to {host}:{port}: {_describe(exc)}") from exc
-        return cls(frames, store_id, points, zstd_level, resync)
+                await close(stream)
+            why = tls.explain(exc, handshook) or _describe(exc)
+            if tls.dir is None and isinstance(exc, (ProtocolError, trio.BrokenResourceError)):
+                why += " (this source runs with --insecure: does the receiver require TLS?)"
+            raise LinkError(f"cannot connect to {host}:{port}: {why}") from exc
+        return cls(frames, store_id, points, zstd_level, resync, security)
 
     @property
     def bytes_sent(self) -> int:
@@ -172,7 +182,7 @@ class Link:
 
     async def aclose(self) -> None:
         self._broken = self._broken or "closed"
-        await self._frames.stream.aclose()
+        await close(self._frames.stream)
 
     def _usable(self) -> None:
         if self._broken:
@@ -180,8 +190,7 @@ class Link:
 
     async def _fail(self, exc: BaseException, doing: str) -> LinkError:
         self._broken = f"{doing}: {_describe(exc)}"
-        with trio.CancelScope(shield=True):
-            await self._frames.stream.aclose()
+        await close(self._frames.stream)
         return LinkError(self._broken)
 
     async def check_alive(self, wait: float = 0.05) -> None:

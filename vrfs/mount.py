@@ -56,6 +56,7 @@ class MountConfig:
     debug: bool
     untracked_writers: str  # --force: files other processes write behind vrfs's back
     verify_every: float | None = None  # periodic online verify, seconds
+    tls_dir: str | None = None  # the site's key and pins (vrfs/trust.py); None: plain TCP (--insecure)
 
 
 def _open_source(source: str) -> int:
@@ -167,6 +168,28 @@ def _check_sizes(block_size, extent_size) -> None:
                          f"from {block_size} to {MAX_EXTENT_SIZE}")
 
 
+def _check_tls(args, peer: tuple[str, int] | None) -> str | None:
+    """The TLS directory the shipper will use (None: --insecure), checked now:
+    a missing key or pin is one line at the command, not a retry loop later."""
+    if args.insecure:
+        if peer is None:
+            raise UserError("--insecure needs --peer: it concerns the link to the DR site", EXIT_USAGE)
+        return None
+    if peer is None:
+        return args.tls_dir
+    from vrfs.trust import TlsDir, TrustError
+    tls_dir = TlsDir(args.tls_dir)
+    try:
+        tls_dir.require_site_key()
+        tls_dir.client_context()
+    except TrustError as exc:
+        raise UserError(str(exc)) from None
+    if not tls_dir.pins():
+        raise UserError(f"no receiver is pinned in {tls_dir.trusted_path}: `vrfs trust add NAME CERT|FINGERPRINT "
+                        f"--tls-dir {tls_dir.path}` with the DR site's certificate or fingerprint")
+    return str(tls_dir.path)
+
+
 def mount_main(args) -> int:
     source = os.path.abspath(args.source)
     mountpoint = os.path.abspath(args.mountpoint) if args.mountpoint else source
@@ -190,6 +213,8 @@ def mount_main(args) -> int:
     except ProtocolError as exc:
         raise UserError(f"bad --name {name!r}: {exc}", EXIT_USAGE) from None
 
+    tls_dir = _check_tls(args, peer)
+
     root_fd = _open_source(source)
     if is_fuse_mount(source):
         raise UserError(f"{source} is already a FUSE mount")
@@ -206,7 +231,7 @@ def mount_main(args) -> int:
         tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
         name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
-        untracked_writers=untracked_writers, verify_every=verify_every,
+        untracked_writers=untracked_writers, verify_every=verify_every, tls_dir=tls_dir,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
     if args.foreground:
@@ -257,8 +282,11 @@ def _run(config: MountConfig, ready) -> int:
             from vrfs.shipper import Shipper
             from vrfs.verify import Verifier
             verifier = Verifier(tracker, config.root_fd, config.vrfs_fd, limiter, config.verify_every)
+            from vrfs.tls import ClientTls
+            from vrfs.trust import TlsDir
+            tls = ClientTls(TlsDir(config.tls_dir) if config.tls_dir is not None else None)
             shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
-                              config.rpo, config.compress_level, config.congestion, verifier=verifier)
+                              config.rpo, config.compress_level, config.congestion, verifier=verifier, tls=tls)
         trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "
@@ -359,5 +387,7 @@ def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool)
         "last_checkpoint": tracker.last_checkpoint if tracker else None,
         "peer": f"{config.peer[0]}:{config.peer[1]}" if config.peer else None,
         "connected": shipper.connected if shipper else False,
+        "insecure": shipper.tls.dir is None if shipper else False,
+        "link": shipper.security if shipper else None,
         "disks": disks,
     }

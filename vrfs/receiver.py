@@ -25,6 +25,7 @@ from vrfs.store import Store, StoreError
 from vrfs.store.base import ApplyFailed, Diverged, Fenced, Refusal, hash_blocks
 from vrfs.store.journal import Journal
 from vrfs.testhooks import crash_point
+from vrfs.tls import close
 from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
     Frame,
@@ -108,12 +109,16 @@ class Receiver:
             except OSError as exc:
                 log.error("pruning the points of %s/%s failed: %s", source, group, exc)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        """Serve one connection until it ends. Never raises (except cancellation)."""
-        peer = _peer_name(stream)
+    async def handle(self, stream: trio.abc.Stream, *, peer: str | None = None,
+                     certified: str | None = None) -> None:
+        """Serve one connection until it ends. Never raises (except cancellation).
+
+        ``certified`` is the source name pinned for the peer's certificate
+        (vrfs/tls.py); None only on a receiver that runs with --insecure."""
+        peer = peer or peer_name(stream)
         frames = FrameStream(stream, self.limiter)
         try:
-            await self._session(frames, peer)
+            await self._session(frames, peer, certified)
         except ProtocolError as exc:
             log.warning("%s: refused: %s; closing connection", peer, exc)
             await _send_error(frames, str(exc))
@@ -129,15 +134,19 @@ class Receiver:
             log.exception("%s: internal error; closing connection", peer)
             await _send_error(frames, f"receiver internal error: {type(exc).__name__}")
         finally:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            await close(stream)
 
-    async def _session(self, frames: FrameStream, peer: str) -> None:
+    async def _session(self, frames: FrameStream, peer: str, certified: str | None) -> None:
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
             hello = decode_control((await frames.receive_expect(MsgType.HELLO)).payload)
         if scope.cancelled_caught:
             raise ProtocolError(f"no HELLO within {HANDSHAKE_TIMEOUT:g} s")
         source = check_name(field(hello, "source", str), "source name")
+        if certified is not None and source != certified:
+            # A source reads and writes its own namespace only: the name is the
+            # certificate's, whatever the peer claims.
+            raise ProtocolError(f"source name {source!r} is not the name pinned for this peer's certificate "
+                                f"({certified!r})")
         admission.established()
         points, resync = await self._run(self._inventory, source)
         await frames.send_control(MsgType.WELCOME, {
@@ -393,9 +402,12 @@ async def _send_error(frames: FrameStream, message: str) -> None:
             pass
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+def peer_name(stream: trio.abc.Stream) -> str:
+    """host:port of the peer, for log lines."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     try:
-        host, port = stream.socket.getpeername()[:2]
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     except (OSError, AttributeError, ValueError):
         return "unknown peer"

@@ -22,11 +22,13 @@ from vrfs import admission, control, daemon, recovery
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
-from vrfs.receiver import Receiver
+from vrfs.receiver import HANDSHAKE_TIMEOUT, Receiver, peer_name
 from vrfs.retention import format_policy, parse_policy
 from vrfs.store import Store, StoreError, store_from_url
 from vrfs.store.base import CONTROL_FILE
 from vrfs.store.dirstore import DirStore
+from vrfs.tls import ServerTls, close
+from vrfs.trust import TlsDir, TrustError
 from vrfs.wire import ProtocolError, check_name
 
 log = logging.getLogger("vrfs.serve")
@@ -43,11 +45,12 @@ def serve_main(args: Any) -> int:
     if policy and not isinstance(store, DirStore):
         raise UserError(f"--retain: {args.store} cannot keep older points (dir: stores can)", EXIT_USAGE)
     store.policy = policy
+    tls = server_tls(args)
     admission.configure(args.max_connections)
     log_file = Path(args.log).absolute() if args.log else None
     if args.foreground:
         _open_store(store)
-        return daemon.foreground(lambda ready: _run(store, host, port, ready), args.debug)
+        return daemon.foreground(lambda ready: _run(store, host, port, tls, ready), args.debug)
 
     def open_store_and_log():
         _open_store(store)
@@ -61,11 +64,25 @@ def serve_main(args: Any) -> int:
             ready()
 
         try:
-            return _run(store, host, port, written_ready)
+            return _run(store, host, port, tls, written_ready)
         finally:
             pid_file.unlink(missing_ok=True)
 
     return daemon.run_in_background(service, open_store_and_log, args.debug, "receiver")
+
+
+def server_tls(args: Any) -> ServerTls:
+    """The receiver's TLS, checked before the daemon starts: a missing or
+    expired site key is one line at the command, not a log entry later."""
+    if args.insecure:
+        return ServerTls(None, HANDSHAKE_TIMEOUT)
+    tls_dir = TlsDir(args.tls_dir)
+    try:
+        tls_dir.require_site_key()
+        tls_dir.server_context()
+    except TrustError as exc:
+        raise UserError(str(exc)) from None
+    return ServerTls(tls_dir, HANDSHAKE_TIMEOUT)
 
 
 def _open_store(store: Store) -> None:
@@ -75,16 +92,28 @@ def _open_store(store: Store) -> None:
         raise UserError(str(exc)) from None
 
 
-def _run(store: Store, host: str, port: int, ready: Callable[[], None]) -> int:
+def _run(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None]) -> int:
     try:
-        trio.run(_serve, store, host, port, ready)
+        trio.run(_serve, store, host, port, tls, ready)
     finally:
         store.close()
     return 0
 
 
-async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) -> None:
+async def _serve(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None]) -> None:
     receiver = Receiver(store)
+
+    async def connection(stream: admission.AdmittedStream) -> None:
+        peer = peer_name(stream)
+        accepted = None
+        try:
+            accepted = await tls.accept(stream, peer)
+        finally:
+            if accepted is None:  # refused (logged), or cancelled
+                await close(stream)
+        if accepted is not None:
+            await receiver.handle(accepted[0], peer=peer, certified=accepted[1])
+
     await receiver.recover()
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -97,9 +126,9 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
         async with trio.open_nursery() as nursery:
             await nursery.start(control.serve_control, control_path, RecoveryRequests(store, receiver).handle)
             (store.state_dir / CONTROL_FILE).write_text(control_path + "\n")
-            await nursery.start(admission.serve_listeners, receiver.handle, listeners)
-            log.info("serving %s on %s:%d (store id %s, keeping %s)", store.url, host, port, store.store_id,
-                     format_policy(store.policy))
+            await nursery.start(admission.serve_listeners, connection, listeners)
+            log.info("serving %s on %s:%d (store id %s, keeping %s, %s)", store.url, host, port, store.store_id,
+                     format_policy(store.policy), _describe_tls(tls))
             ready()
             async for signum in signals:
                 log.info("%s: shutting down", signal.Signals(signum).name)
@@ -107,6 +136,16 @@ async def _serve(store: Store, host: str, port: int, ready: Callable[[], None]) 
                 break
     (store.state_dir / CONTROL_FILE).unlink(missing_ok=True)
     log.info("stopped")
+
+
+def _describe_tls(tls: ServerTls) -> str:
+    if tls.dir is None:
+        return "INSECURE: plain TCP, any peer may act as any source (--insecure)"
+    sources = [p.name for p in tls.dir.pins() if p.certificate is not None]
+    if not sources:
+        log.warning("no source is pinned in %s: every source is refused until `vrfs trust add SOURCE CERT "
+                    "--tls-dir %s`", tls.dir.trusted_path, tls.dir.path)
+    return f"TLS 1.3, site {tls.dir.site_fingerprint()}, {len(sources)} pinned sources"
 
 
 class RecoveryRequests:

@@ -19,6 +19,7 @@ import trio
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
 from vrfs.link import CycleRefused, Link, LinkError
+from vrfs.tls import ClientTls
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
@@ -39,8 +40,11 @@ IDLE_CHECK = 1.0  # seconds without a cycle after which the shipper checks that 
 class Shipper:
     def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
-                 limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None,
+                 *, tls: ClientTls) -> None:
         self.tracker = tracker
+        self.tls = tls
+        self.security = ""  # how the current link is authenticated, for status
         self.verifier = verifier
         self.root_fd = root_fd
         self.vrfs_fd = vrfs_fd
@@ -70,13 +74,14 @@ class Shipper:
         host, port = self.peer
         while True:
             try:
-                link = await Link.connect(host, port, self.name, zstd_level=self.zstd_level,
+                link = await Link.connect(host, port, self.name, tls=self.tls, zstd_level=self.zstd_level,
                                           congestion=self.congestion)
             except LinkError as exc:
                 self._down(f"cannot reach {host}:{port}: {exc}")
             else:
                 self.connected, self.last_error, backoff = True, "", BACKOFF_MIN
-                log.info("connected to %s:%d (store %s)", host, port, link.store_id)
+                self.security = link.security.describe()
+                log.info("connected to %s:%d (store %s, %s)", host, port, link.store_id, self.security)
                 try:
                     await self._session(link)
                 except LinkError as exc:

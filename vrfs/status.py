@@ -53,8 +53,11 @@ def status_main(args) -> int:
     print(f"{status['source']} at {status['mountpoint']} (pid {status['pid']}, "
           f"block size {status['block_size'] // 1024}K)")
     if status.get("peer"):
+        link = status.get("link") if status["connected"] else None
         print(f"replicating as {status['name']} to {status['peer']} "
-              f"({'connected' if status['connected'] else 'not connected'})")
+              f"({'connected, ' + link if link else 'connected' if status['connected'] else 'not connected'})")
+        if status.get("insecure") and not link:
+            print("    INSECURE: plain TCP (--insecure): anyone on the path can read and write the replicas")
     print(f"{'PATH':<36} {'SIZE':>8} {'DIRTY':>8} {'STATE':<16} {'LAG':>7} {'POINT':>6}  CUT")
     for d in status["disks"]:
         state = d["state"]

@@ -1,0 +1,204 @@
+"""TLS on the replication link: the handshakes of both ends over trio streams,
+and what their failures mean to an operator.
+
+Both ends authenticate before a single frame is read (vrfs/trust.py says how
+peers are pinned). `--insecure` on both ends runs the same protocol over
+plain TCP; a receiver tells the two apart by the first byte a peer sends (a
+TLS record starts with 0x16, a vrfs frame with "V"), so a mismatch is named
+in one log line instead of surfacing as a garbled frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from dataclasses import dataclass
+
+import trio
+
+from vrfs.trust import TlsDir, TrustError, fingerprint
+from vrfs.wire import ProtocolError
+
+log = logging.getLogger("vrfs.tls")
+
+TLS_HANDSHAKE_RECORD = 0x16
+CLOSE_TIMEOUT = 2.0  # a graceful close (close_notify) waits for a peer that may never read
+LINGER = 1.0  # after refusing a handshake, how long the alert is given to reach the peer
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """What the handshake proved about the receiver, for `vrfs status`."""
+
+    insecure: bool
+    pinned_as: str | None = None
+    fingerprint: str | None = None
+
+    def describe(self) -> str:
+        if self.insecure:
+            return "INSECURE: plain TCP, nothing authenticated or encrypted (--insecure)"
+        return f"TLS 1.3, receiver pinned as {self.pinned_as}"
+
+
+class ClientTls:
+    """The source's end. Pins are read at every connection, so `vrfs trust add`
+    takes effect without a remount."""
+
+    def __init__(self, tls_dir: TlsDir | None) -> None:
+        self.dir = tls_dir  # None: --insecure
+
+    async def wrap(self, stream: trio.abc.HalfCloseableStream) -> tuple[trio.abc.Stream, Authenticated]:
+        """Handshake, then check the receiver's certificate against the pins.
+        Raises TrustError (not pinned, expired) or the transport's errors."""
+        if self.dir is None:
+            return stream, Authenticated(insecure=True)
+        tls = trio.SSLStream(stream, self.dir.client_context(), server_hostname=None)
+        await tls.do_handshake()
+        pin = self.dir.check_receiver(tls.getpeercert(binary_form=True))
+        return tls, Authenticated(insecure=False, pinned_as=pin.name, fingerprint=pin.fingerprint)
+
+    def explain(self, exc: BaseException, handshook: bool) -> str | None:
+        """A failed connection in words, when TLS (or its absence) is the cause.
+        ``handshook``: the TLS handshake had completed on our side."""
+        if isinstance(exc, TrustError):
+            return str(exc)
+        if self.dir is None:
+            return None
+        chain: list[BaseException] = []
+        while exc is not None and len(chain) < 8:
+            chain.append(exc)
+            exc = exc.__cause__  # type: ignore[assignment]
+        cause = next((e for e in chain if isinstance(e, (ssl.SSLError, OSError))), chain[-1])
+        text = str(cause).upper()
+        if not handshook:
+            if "WRONG_VERSION" in text or "PACKET_LENGTH" in text or "RECORD_LAYER" in text:
+                return "the receiver does not speak TLS: it runs with --insecure (both ends must agree)"
+            if "EOF" in text or isinstance(cause, (ConnectionResetError, BrokenPipeError)):
+                return ("the receiver closed the connection in the TLS handshake: it runs with --insecure "
+                        "(both ends must agree), or is not a vrfs receiver")
+            return None
+        # TLS 1.3: the receiver judges our certificate after our side of the
+        # handshake is done, so its verdict arrives as an alert, or as the
+        # connection closing, where the WELCOME was due.
+        closed = (isinstance(cause, (ssl.SSLError, ConnectionResetError, BrokenPipeError))
+                  or any(isinstance(e, ProtocolError) and "closed by peer" in str(e) for e in chain))
+        if handshook and closed:
+            try:
+                mine = self.dir.site_fingerprint()
+            except TrustError:
+                mine = "?"
+            return (f"the receiver refused this site's certificate {mine}: pin it there with "
+                    f"`vrfs trust add NAME {self.dir.cert_path}`, NAME being this source's --name "
+                    f"(the receiver's log says why)")
+        return None
+
+
+class ServerTls:
+    """The receiver's end: authenticates each connection, or refuses it with one
+    log line. Its context is rebuilt when the pins change, so `vrfs trust add`
+    at the DR site takes effect without a restart."""
+
+    def __init__(self, tls_dir: TlsDir | None, handshake_timeout: float = 30.0) -> None:
+        self.dir = tls_dir  # None: --insecure
+        self.handshake_timeout = handshake_timeout
+        self._context: ssl.SSLContext | None = None
+        self._pins_state: tuple | None = None
+
+    def context(self) -> ssl.SSLContext:
+        assert self.dir is not None
+        state = self.dir.state()
+        if self._context is None or state != self._pins_state:
+            self._context, self._pins_state = self.dir.server_context(), state
+        return self._context
+
+    async def accept(self, stream: trio.abc.HalfCloseableStream,
+                     peer: str) -> tuple[trio.abc.Stream, str | None] | None:
+        """The authenticated stream and the source name pinned for its certificate
+        (None when insecure), or None when the peer is refused (logged)."""
+        with trio.move_on_after(self.handshake_timeout):
+            return await self._accept(stream, peer)
+        log.warning("%s: refused: no handshake within %g s", peer, self.handshake_timeout)
+        return None
+
+    async def _accept(self, stream: trio.abc.HalfCloseableStream,
+                      peer: str) -> tuple[trio.abc.Stream, str | None] | None:
+        try:
+            first = await _socket(stream).recv(1, socket.MSG_PEEK)
+        except OSError as exc:
+            log.info("%s: connection lost before its handshake: %s", peer, exc.strerror or exc)
+            return None
+        if not first:
+            return None  # connected and closed: a port probe
+        speaks_tls = first[0] == TLS_HANDSHAKE_RECORD
+        if self.dir is None:
+            if speaks_tls:
+                log.warning("%s: refused: a TLS client, and this receiver runs with --insecure (both ends must "
+                            "agree)", peer)
+                await _linger(stream)
+                return None
+            return stream, None
+        if not speaks_tls:
+            log.warning("%s: refused: plain TCP (a source started with --insecure?); this receiver requires TLS",
+                        peer)
+            await _linger(stream)
+            return None
+        try:
+            tls = trio.SSLStream(stream, self.context(), server_side=True)
+            await tls.do_handshake()
+        except TrustError as exc:
+            log.error("%s: refused: %s", peer, exc)
+            return None
+        except trio.BrokenResourceError as exc:
+            log.warning("%s: refused in the TLS handshake: %s", peer, _reason(exc))
+            await _linger(stream)
+            return None
+        fp = fingerprint(tls.getpeercert(binary_form=True) or b"")
+        name = self.dir.name_of(fp)
+        if name is None:  # unpinned between the context's build and now
+            log.warning("%s: refused: certificate %s is no longer pinned", peer, fp)
+            await close(tls)
+            return None
+        return tls, name
+
+
+def _socket(stream: trio.abc.HalfCloseableStream) -> trio.socket.SocketType:
+    """The socket under an accepted stream (a trio.SocketStream, or the
+    admission layer's wrapper of one)."""
+    return stream.socket  # type: ignore[attr-defined]
+
+
+async def _linger(stream: trio.abc.HalfCloseableStream) -> None:
+    """Let a refused peer read our alert: in TLS 1.3 a client has already sent
+    its first message when our verdict on its certificate goes out, and a
+    close with that message unread would reset the connection, alert and all."""
+    with trio.move_on_after(LINGER):
+        try:
+            _socket(stream).shutdown(socket.SHUT_WR)
+            while await stream.receive_some(65536):
+                pass
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _reason(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message
+        if cause.verify_code in (18, 19, 20):  # self-signed, or not issued by any pinned certificate
+            why = "its certificate is not pinned here (`vrfs trust add SOURCE CERT` pins a source)"
+        return f"certificate refused: {why}"
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or str(cause)
+    return str(cause or exc)
+
+
+async def close(stream: trio.abc.AsyncResource) -> None:
+    """Close a link's stream without ever hanging: a graceful TLS close sends
+    close_notify, which a peer that stopped reading would never take."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await stream.aclose()
+            return
+        if isinstance(stream, trio.SSLStream):
+            await stream.transport_stream.aclose()
