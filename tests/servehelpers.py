@@ -50,14 +50,18 @@ class Server:
         self.port = port or free_port()
         self.env = env or {}
         self.args: tuple[str, ...] = ()  # more options of vrfs serve
+        self.host = "127.0.0.1"  # the address it listens on (and a Site's mount connects to)
+        self.netns: str | None = None  # run it inside this network namespace (`ip netns exec NAME`)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Server:
         log = open(self.log_path, "ab")
         start_at = self.log_path.stat().st_size
+        # `ip netns exec` execs the command itself: the PID is still vrfs serve's.
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            vrfs_command("serve", "--foreground", "--listen", f"127.0.0.1:{self.port}", "--store", self.store_url,
-                         *self.args),
+            prefix + vrfs_command("serve", "--foreground", "--listen", f"{self.host}:{self.port}",
+                                  "--store", self.store_url, *self.args),
             stdout=log, stderr=log, env=vrfs_env(self.env), cwd=REPO)
         log.close()
         deadline = time.monotonic() + timeout

@@ -1,0 +1,469 @@
+"""Fault injection during steady writes, where nothing may be lost.
+
+Real FUSE mounts and real `vrfs serve` processes (tests/sitehelpers.py,
+tests/servehelpers.py); a writer thread keeps writing to a two-disk group
+through the mount with O_DIRECT (every write reaches vrfs before pwrite
+returns, as one request, so the group's possible points are exactly the
+states after each write) and records each state's hashes. Faults:
+
+1. kill -9 of the mount's daemon or of `vrfs serve` at random moments;
+2. a network partition (the receiver in a network namespace of its own,
+   the veth link taken down and up again);
+3. the store's file system full, then freed;
+4. the source's state directory (SRC/.vrfs) full, then freed;
+5. state files deleted or corrupted while unmounted (and while mounted);
+6. replicas deleted or corrupted by hand at the DR site.
+
+Invariants, counted: a replica is at a point (its group's bytes equal a
+recorded state of the source) whenever it is looked at mid-run; after
+recovery it is byte-identical to the source; no full sync unless tracking
+state was lost (the mount log's full-sync lines); every fault shows in
+status with a reason; the source holds every write the writer was told
+succeeded.
+
+Seed: VRFS_FAULT_SEED=N (printed with the figures). Number of kills in the
+default run: VRFS_FAULT_KILLS (default 50). Replay:
+    VRFS_FAULT_SEED=N python -m pytest tests/test_faults.py -k kill9 -p no:cacheprovider
+(the moments are seeded; the processes' timing is not, so a replay is close,
+not exact). Figures go to the terminal and to $VRFS_FAULT_REPORT
+(default /tmp/vrfs-faults-report.txt).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import random
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from mounthelpers import is_mounted, vrfs
+from servehelpers import losetup, losetup_detach
+from sitehelpers import NAME, Site, run, tree
+from vrfs.errors import UserError
+from vrfs.status import mount_status
+from vrfs.store import store_status
+
+KiB, MiB = 1 << 10, 1 << 20
+GROUP = "vm1"
+DISKS = {"disk0.raw": 4 * MiB, "disk1.raw": 2 * MiB}
+SEED = int(os.environ.get("VRFS_FAULT_SEED") or random.SystemRandom().randrange(1 << 31))
+KILLS = int(os.environ.get("VRFS_FAULT_KILLS", "50"))
+SLOW_KILLS = int(os.environ.get("VRFS_FAULT_SLOW_KILLS", "300"))
+REPORT = Path(os.environ.get("VRFS_FAULT_REPORT", "/tmp/vrfs-faults-report.txt"))
+FULL_SYNC_LINE = re.compile(r"full sync: comparing|full sync from point")
+
+pytestmark = [
+    pytest.mark.faults,
+    pytest.mark.skipif(not Path("/dev/fuse").exists() or os.geteuid() != 0, reason="needs FUSE and root"),
+]
+
+STATS: Counter = Counter()
+FAULTS: Counter = Counter()
+CHECKS: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def figures(request):
+    started = time.monotonic()
+    yield
+    lines = [f"vrfs fault suite: seed {SEED} (replay: VRFS_FAULT_SEED={SEED} python -m pytest tests/test_faults.py)",
+             f"  wall time {time.monotonic() - started:.1f} s, iterations {STATS['iterations']}, "
+             f"writes {STATS['writes']} ({STATS['bytes_written']} bytes), states recorded {STATS['states']}",
+             "  faults: " + (", ".join(f"{k} {v}" for k, v in sorted(FAULTS.items())) or "none")
+             + f" (total {sum(FAULTS.values())})",
+             "  invariant checks: " + ", ".join(f"{k} {v}" for k, v in sorted(CHECKS.items()))
+             + f" (total {sum(v for k, v in CHECKS.items() if k != 'bytes compared')})",
+             f"  bytes compared: {CHECKS['bytes compared']}"]
+    text = "\n".join(lines)
+    with REPORT.open("a") as f:
+        f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text + "\n")
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capman is not None and reporter is not None:
+        with capman.global_and_fixture_disabled():
+            reporter.write_line("")
+            for line in lines:
+                reporter.write_line(line)
+    else:
+        print(text)
+
+
+def where(seed: int, what: str) -> str:
+    return f"[seed {seed}: VRFS_FAULT_SEED={seed} python -m pytest tests/test_faults.py -k {what}]"
+
+
+# ------------------------------------------------------------------ writer
+
+def digest(data: bytes | bytearray) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+class Writer(threading.Thread):
+    """Steady O_DIRECT writes to the disks of GROUP through the mount, one
+    request each (4 KiB-aligned, at most 128 KiB), with the group's state
+    (one hash per disk) recorded after each: the possible points. A failed
+    write (the mount was killed) records the state it would have made as a
+    possible point too, waits for the mount to be back and reads the source
+    again: a write that failed may or may not be in."""
+
+    def __init__(self, site: Site, seed: int, interval: float = 0.002, zero_fraction: float = 0.15) -> None:
+        super().__init__(daemon=True)
+        self.site = site
+        self.rng = random.Random(seed)
+        self.interval = interval
+        self.zero_fraction = zero_fraction
+        self.model = {name: bytearray() for name in DISKS}
+        self.hashes: dict[str, str] = {}
+        self.states: set[tuple[str, ...]] = set()
+        self.lock = threading.Lock()
+        self.mount_up = threading.Event()
+        self.mount_up.set()
+        self.stop_flag = threading.Event()
+        self._pause = threading.Event()
+        self._idle = threading.Event()
+        self.error: BaseException | None = None
+        self.failed_writes = 0
+        self.buf = mmap.mmap(-1, 128 * KiB)
+        self.fds: dict[str, int] = {}
+
+    # state ------------------------------------------------------------
+    def state(self) -> tuple[str, ...]:
+        return tuple(self.hashes[n] for n in DISKS)
+
+    def record(self) -> None:
+        with self.lock:
+            self.states.add(self.state())
+        STATS["states"] += 1
+
+    def resync(self) -> None:
+        """The model is what the source holds (read from the backing files)."""
+        for name in DISKS:
+            self.model[name] = bytearray((self.site.src / GROUP / name).read_bytes())
+            self.hashes[name] = digest(self.model[name])
+        self.record()
+
+    def create(self) -> None:
+        """The disks, written whole with VM-like content (no holes: they stay allocated)."""
+        os.makedirs(self.site.mnt / GROUP, exist_ok=True)
+        for name, size in DISKS.items():
+            data = bytearray()
+            while len(data) < size:
+                n = min(size - len(data), self.rng.randrange(1, 17) * 64 * KiB)
+                data += os.urandom(n) if self.rng.random() < 0.6 else bytes([self.rng.randrange(1, 256)]) * n
+            with open(self.site.mnt / GROUP / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        self.resync()
+
+    # control ------------------------------------------------------------
+    def pause(self, timeout: float = 30) -> None:
+        self._idle.clear()
+        self._pause.set()
+        if self.is_alive() and not self._idle.wait(timeout):
+            raise AssertionError("the writer does not pause (a write hangs?)")
+        self._close()
+
+    def resume(self) -> None:
+        self._pause.clear()
+
+    def finish(self) -> None:
+        self.stop_flag.set()
+        self._pause.clear()
+        self.join(30)
+        self._close()
+        if self.error is not None:
+            raise AssertionError(f"writer failed: {self.error!r}") from self.error
+
+    def _close(self) -> None:
+        for fd in self.fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+
+    def _fd(self, name: str) -> int:
+        if name not in self.fds:
+            self.fds[name] = os.open(self.site.mnt / GROUP / name, os.O_RDWR | os.O_DIRECT)
+        return self.fds[name]
+
+    # the loop -----------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self.stop_flag.is_set():
+                if self._pause.is_set():
+                    self._idle.set()
+                    time.sleep(0.01)
+                    continue
+                self.step()
+                time.sleep(self.interval)
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+        finally:
+            self._idle.set()
+
+    def step(self) -> None:
+        name = self.rng.choice(list(DISKS))
+        size = DISKS[name]
+        length = self.rng.randrange(1, 33) * 4 * KiB
+        offset = self.rng.randrange(0, (size - length) // (4 * KiB) + 1) * 4 * KiB
+        chunk = bytes(length) if self.rng.random() < self.zero_fraction else os.urandom(length)
+        self.buf[:length] = chunk
+        after = bytearray(self.model[name])
+        after[offset:offset + length] = chunk
+        try:
+            done = os.pwrite(self._fd(name), memoryview(self.buf)[:length], offset)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTCONN, errno.EIO, errno.ECONNABORTED, errno.ENOENT) \
+                    or self.mount_up.is_set() and is_mounted(self.site.mnt) and not self._mount_dead():
+                raise
+            self._failed(name, after)
+            return
+        if done != length:
+            raise AssertionError(f"short write {done} of {length} at {offset} of {name}")
+        self.model[name] = after
+        self.hashes[name] = digest(after)
+        self.record()
+        STATS["writes"] += 1
+        STATS["bytes_written"] += length
+
+    def _mount_dead(self) -> bool:
+        proc = self.site.mount.proc
+        return proc is None or proc.poll() is not None
+
+    def _failed(self, name: str, after: bytearray) -> None:
+        self.failed_writes += 1
+        with self.lock:
+            maybe = dict(self.hashes)
+            maybe[name] = digest(after)
+            self.states.add(tuple(maybe[n] for n in DISKS))
+        self._close()
+        if not self.mount_up.wait(60):
+            raise AssertionError("the mount did not come back")
+        self.resync()
+
+    def possible(self, state: tuple[str, ...]) -> bool:
+        with self.lock:
+            return state in self.states
+
+
+# ---------------------------------------------------------------- checks
+
+def replica_state(site: Site) -> tuple[str, ...] | None:
+    out = []
+    for name, size in DISKS.items():
+        try:
+            data = site.replica(f"{GROUP}/{name}").read_bytes()
+        except FileNotFoundError:
+            return None
+        if len(data) != size:
+            return None
+        out.append(digest(data))
+    return tuple(out)
+
+
+def store_pending(site: Site) -> bool:
+    return any(d["state"] == "incomplete" for d in store_status(site.store_url) if d["source"] == NAME)
+
+
+def check_at_point(site: Site, writer: Writer, frozen: bool, seed: int, what: str, timeout: float = 15) -> bool:
+    """The replica of GROUP equals a state the source held. frozen: the
+    receiver is dead, so the store does not change; a committed cycle not yet
+    applied (redone at the next start) defers the check. Otherwise nothing
+    new arrives (the mount is dead or cut off) and the replica must settle at
+    a point. Returns whether it was checked."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = store_pending(site)
+        if pending and frozen:
+            CHECKS["at-point deferred (apply pending)"] += 1
+            return False
+        if not pending:
+            got = replica_state(site)
+            if got is not None and writer.possible(got):
+                CHECKS["replica at a point"] += 1
+                CHECKS["bytes compared"] += sum(DISKS.values())
+                return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: the replica of {GROUP} is at no point the source held "
+                                 f"(pending {pending}, {len(writer.states)} states) {where(seed, what)}\n"
+                                 f"store status {json.dumps(store_status(site.store_url), indent=1)}\n"
+                                 f"mount log:\n{site.mount.log()[-3000:]}\nserve log:\n{site.server.log()[-3000:]}")
+        time.sleep(0.05)
+
+
+def full_syncs(site: Site) -> int:
+    """Full syncs (hash comparisons) the mount's log records, over all its runs."""
+    return sum(1 for line in site.mount.log().splitlines() if FULL_SYNC_LINE.search(line))
+
+
+def check_no_full_sync(site: Site, baseline: int, seed: int, what: str) -> None:
+    CHECKS["no full sync"] += 1
+    now = full_syncs(site)
+    assert now == baseline, (f"{what}: {now - baseline} full sync(s) without lost tracking state {where(seed, what)}\n"
+                             + "\n".join(x for x in site.mount.log().splitlines() if "full sync" in x)[-3000:])
+
+
+def check_converged(site: Site, writer: Writer, what: str, seed: int, timeout: float = 60) -> None:
+    """Writes paused: status in sync and the replicas byte-identical to the
+    source (Site.converged compares bytes), and the source holds exactly
+    what the writer wrote (nothing lost)."""
+    writer.pause()
+    site.wait_converged(f"{what} {where(seed, what)}", timeout=timeout)
+    CHECKS["converged, byte-identical"] += 1
+    src = tree(site.src)
+    CHECKS["bytes compared"] += 2 * sum(int(v.split(":")[0]) for v in src.values())
+    for name in DISKS:
+        got = (site.src / GROUP / name).read_bytes()
+        assert digest(got) == writer.hashes[name], f"{what}: the source lost writes to {name} {where(seed, what)}"
+        CHECKS["source holds every write"] += 1
+        CHECKS["bytes compared"] += len(got)
+    assert writer.possible(replica_state(site)), what
+    writer.resume()
+
+
+def status_shows(site: Site, pred, what: str, seed: int, timeout: float = 20) -> dict:
+    """Until `vrfs status` of the mount satisfies pred (a reason for the fault)."""
+    deadline = time.monotonic() + timeout
+    st: dict = {}
+    while time.monotonic() < deadline:
+        try:
+            st = mount_status(str(site.mnt))
+        except UserError:
+            st = {}
+        if st and pred(st):
+            CHECKS["fault visible in status"] += 1
+            return st
+        time.sleep(0.1)
+    raise AssertionError(f"{what}: status never showed the fault {where(seed, what)}: {json.dumps(st, indent=1)}")
+
+
+def wait_checkpoint(site: Site, timeout: float = 60) -> None:
+    """Until a checkpoint covers the first acknowledgments (then a crash costs no full sync)."""
+    first = mount_status(str(site.mnt))["checkpoints"]
+    deadline = time.monotonic() + timeout
+    while mount_status(str(site.mnt))["checkpoints"] <= first:
+        assert time.monotonic() < deadline, "no checkpoint"
+        time.sleep(0.1)
+
+
+def started_site(tmp_path: Path, mount_factory, stack, seed: int, rpo: str = "1s", store: Path | None = None,
+                 setup=None) -> tuple[Site, Writer]:
+    site = Site(tmp_path, mount_factory, stack, store=store)
+    site.rpo = rpo
+    if setup is not None:
+        setup(site)
+    site.serve().start_mount()
+    writer = Writer(site, seed)
+    writer.create()
+    site.wait_converged("initial sync", timeout=60)
+    wait_checkpoint(site)
+    return site, writer
+
+
+def loop_fs(tmp_path: Path, stack, name: str, size: int = 64 * MiB) -> Path:
+    """A small ext4 in a file, mounted at tmp_path/name; unmounted and detached in cleanup."""
+    image, mnt = tmp_path / f"{name}.img", tmp_path / name
+    mnt.mkdir(exist_ok=True)
+    with open(image, "wb") as f:
+        f.truncate(size)
+    run("mkfs.ext4", "-q", "-F", "-m", "0", str(image))
+    dev = losetup(image)
+    stack.callback(losetup_detach, dev)
+    run("mount", dev, str(mnt))
+
+    def unmount() -> None:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    stack.callback(unmount)
+    shutil.rmtree(mnt / "lost+found", ignore_errors=True)
+    return mnt
+
+
+def fill(path: Path) -> None:
+    """A file that takes every free block of its file system."""
+    with open(path, "wb") as f:
+        sv = os.statvfs(path)
+        try:
+            os.posix_fallocate(f.fileno(), 0, max(sv.f_bavail * sv.f_frsize - 64 * KiB, 4096))
+        except OSError:
+            pass
+        chunk = b"\xff" * (4 * KiB)
+        while True:
+            try:
+                f.write(chunk)
+                f.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                break
+    CHECKS["fs filled"] += 1
+
+
+# ------------------------------------------------------------------ tests
+
+def kill9_run(tmp_path, mount_factory, stack, kills: int) -> None:
+    seed = SEED
+    rng = random.Random(seed)
+    print(f"seed {seed}: replay with VRFS_FAULT_SEED={seed}")
+    site, writer = started_site(tmp_path, mount_factory, stack, seed)
+    baseline = full_syncs(site)
+    writer.start()
+    try:
+        for i in range(1, kills + 1):
+            STATS["iterations"] += 1
+            time.sleep(rng.uniform(0.05, 1.2))
+            what = f"kill {i}"
+            if rng.random() < 0.5:
+                FAULTS["kill -9 mount"] += 1
+                writer.mount_up.clear()
+                site.mount.kill()
+                assert not is_mounted(site.mnt)
+                with pytest.raises(UserError):  # the fault shows: status cannot reach the daemon
+                    mount_status(str(site.mnt))
+                CHECKS["fault visible in status"] += 1
+                check_at_point(site, writer, frozen=False, seed=seed, what=what)
+                site.mount.start()
+                writer.mount_up.set()
+                CHECKS["recovered after unclean shutdown (log)"] += 1
+                assert site.mount.log().count("recovered after an unclean shutdown") \
+                    + site.mount.log().count("needs full sync") >= 1
+            else:
+                FAULTS["kill -9 serve"] += 1
+                site.server.kill9()
+                check_at_point(site, writer, frozen=True, seed=seed, what=what)
+                status_shows(site, lambda st: not st["connected"] and all(
+                    d["state"] in ("disconnected", "full-sync") and d.get("error") for d in st["disks"]),
+                    what, seed)
+                site.server.start()
+            check_no_full_sync(site, baseline, seed, what)
+            if i % 10 == 0 or i == kills:
+                check_converged(site, writer, what, seed)
+    finally:
+        writer.finish()
+    check_converged(site, writer, "the end", seed)
+    check_no_full_sync(site, baseline, seed, "the end")
+    assert writer.failed_writes <= FAULTS["kill -9 mount"]
+
+
+@pytest.mark.timeout(200)
+def test_kill9_either_side(tmp_path, mount_factory, stack):
+    kill9_run(tmp_path, mount_factory, stack, KILLS)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_kill9_either_side_long(tmp_path, mount_factory, stack):
+    kill9_run(tmp_path, mount_factory, stack, SLOW_KILLS)
