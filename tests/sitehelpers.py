@@ -109,6 +109,7 @@ class Site:
         self.mount = None
         self.peer_host: str | None = None  # where the mount connects; None: the server's listen address
         self.rpo = RPO
+        self.mount_env: dict[str, str] | None = None  # more environment for the mount's daemon
 
     def serve(self) -> "Site":
         self.server.start()
@@ -117,7 +118,7 @@ class Site:
     def start_mount(self) -> "Site":
         host = self.peer_host or self.server.host
         self.mount = self._factory(self.src, self.mnt, "--peer", f"{host}:{self.server.port}",
-                                   "--name", NAME, "--rpo", self.rpo)
+                                   "--name", NAME, "--rpo", self.rpo, env=self.mount_env)
         return self
 
     def replica(self, path: str) -> Path:

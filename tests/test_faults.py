@@ -467,3 +467,76 @@ def test_kill9_either_side(tmp_path, mount_factory, stack):
 @pytest.mark.timeout(1800)
 def test_kill9_either_side_long(tmp_path, mount_factory, stack):
     kill9_run(tmp_path, mount_factory, stack, SLOW_KILLS)
+
+
+# ------------------------------------------------------- network partition
+
+def netns(stack, tag: str) -> tuple[str, str, str, str]:
+    """A network namespace with a veth pair to it, 10.200.X.1 here and
+    10.200.X.2 there (a /30); removed in cleanup. Returns (namespace, host
+    side link, our address, its address)."""
+    n = (os.getpid() + random.SystemRandom().randrange(1000)) % 250 + 1
+    name, here, there = f"vrfsf{n}{tag}", f"vrf{n}{tag}a", f"vrf{n}{tag}b"
+    ours, theirs = f"10.200.{n}.1", f"10.200.{n}.2"
+
+    def remove() -> None:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", here], capture_output=True)
+    stack.callback(remove)
+    run("ip", "netns", "add", name)
+    run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
+    run("ip", "link", "set", there, "netns", name)
+    run("ip", "addr", "add", f"{ours}/30", "dev", here)
+    run("ip", "link", "set", here, "up")
+    run("ip", "netns", "exec", name, "ip", "addr", "add", f"{theirs}/30", "dev", there)
+    run("ip", "netns", "exec", name, "ip", "link", "set", there, "up")
+    run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+    return name, here, ours, theirs
+
+
+def partition_run(tmp_path, mount_factory, stack, rounds: int, cut_seconds: tuple[float, float]) -> None:
+    seed = SEED + 1
+    rng = random.Random(seed)
+    ns, link, _, theirs = netns(stack, "p")
+
+    def in_netns(site: Site) -> None:
+        site.server.netns, site.server.host = ns, theirs
+        # A silent link fails after VRFS_LINK_TIMEOUT (vrfs/link.py); short here so a cut shows in seconds.
+        site.mount_env = {"VRFS_LINK_TIMEOUT": "3"}
+        site.server.env["VRFS_LINK_TIMEOUT"] = "3"
+    site, writer = started_site(tmp_path, mount_factory, stack, seed, setup=in_netns)
+    assert site.status() and mount_status(str(site.mnt))["peer"].startswith(theirs)
+    baseline = full_syncs(site)
+    writer.start()
+    try:
+        for i in range(1, rounds + 1):
+            STATS["iterations"] += 1
+            what = f"partition {i}"
+            time.sleep(rng.uniform(0.2, 2.0))
+            FAULTS["network partition"] += 1
+            run("ip", "link", "set", link, "down")
+            cut_at = time.monotonic()
+            # Writes go on while the DR site is unreachable; status must say so.
+            status_shows(site, lambda st: not st["connected"] and all(
+                d["state"] != "in-sync" and d.get("error") for d in st["disks"]), what, seed,
+                timeout=max(cut_seconds[1], 30))
+            time.sleep(max(0.0, rng.uniform(*cut_seconds) - (time.monotonic() - cut_at)))
+            check_at_point(site, writer, frozen=False, seed=seed, what=what)
+            run("ip", "link", "set", link, "up")
+            check_converged(site, writer, what, seed, timeout=90)
+            check_no_full_sync(site, baseline, seed, what)
+    finally:
+        subprocess.run(["ip", "link", "set", link, "up"], capture_output=True)
+        writer.finish()
+    check_converged(site, writer, "the end", seed)
+
+
+@pytest.mark.timeout(150)
+def test_network_partition(tmp_path, mount_factory, stack):
+    partition_run(tmp_path, mount_factory, stack, rounds=2, cut_seconds=(5, 8))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_network_partition_long(tmp_path, mount_factory, stack):
+    partition_run(tmp_path, mount_factory, stack, rounds=8, cut_seconds=(5, 40))
