@@ -51,6 +51,7 @@ from mounthelpers import is_mounted, vrfs
 from servehelpers import losetup, losetup_detach
 from sitehelpers import NAME, Site, run, tree
 from vrfs.errors import UserError
+from vrfs.statefile import CorruptStateFile, DiskState
 from vrfs.status import mount_status
 from vrfs.store import store_status
 
@@ -351,11 +352,21 @@ def status_shows(site: Site, pred, what: str, seed: int, timeout: float = 20) ->
 
 
 def wait_checkpoint(site: Site, timeout: float = 60) -> None:
-    """Until a checkpoint covers the first acknowledgments (then a crash costs no full sync)."""
-    first = mount_status(str(site.mnt))["checkpoints"]
+    """Until every disk's state file records an acknowledged point and no
+    full sync (the checkpoint soon after the first acknowledgment): from then
+    on a crash costs no full sync."""
     deadline = time.monotonic() + timeout
-    while mount_status(str(site.mnt))["checkpoints"] <= first:
-        assert time.monotonic() < deadline, "no checkpoint"
+    while True:
+        states = []
+        for name in DISKS:
+            ino = os.stat(site.src / GROUP / name).st_ino
+            try:
+                states.append(DiskState.decode((site.src / ".vrfs" / "state" / f"{ino}.psf").read_bytes()))
+            except (OSError, CorruptStateFile):
+                states.append(None)
+        if all(s is not None and s.last_ack_cycle and not s.needs_full_sync for s in states):
+            return
+        assert time.monotonic() < deadline, f"no checkpoint of the first acknowledgments: {states}"
         time.sleep(0.1)
 
 
@@ -393,22 +404,26 @@ def loop_fs(tmp_path: Path, stack, name: str, size: int = 64 * MiB) -> Path:
 
 
 def fill(path: Path) -> None:
-    """A file that takes every free block of its file system."""
-    with open(path, "wb") as f:
+    """A file that takes every free block of its file system (down to the last byte it can get)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         sv = os.statvfs(path)
         try:
-            os.posix_fallocate(f.fileno(), 0, max(sv.f_bavail * sv.f_frsize - 64 * KiB, 4096))
+            os.posix_fallocate(fd, 0, max(sv.f_bavail * sv.f_frsize - 256 * KiB, 4096))
         except OSError:
             pass
-        chunk = b"\xff" * (4 * KiB)
-        while True:
+        os.lseek(fd, 0, os.SEEK_END)
+        chunk = 64 * KiB
+        while chunk >= 1:
             try:
-                f.write(chunk)
-                f.flush()
+                os.write(fd, b"\xff" * chunk)
             except OSError as exc:
                 if exc.errno != errno.ENOSPC:
                     raise
-                break
+                chunk //= 2
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     CHECKS["fs filled"] += 1
 
 
@@ -540,3 +555,100 @@ def test_network_partition(tmp_path, mount_factory, stack):
 @pytest.mark.timeout(1200)
 def test_network_partition_long(tmp_path, mount_factory, stack):
     partition_run(tmp_path, mount_factory, stack, rounds=8, cut_seconds=(5, 40))
+
+
+# ------------------------------------------------------------- store full
+
+def store_full_run(tmp_path, mount_factory, stack, rounds: int) -> None:
+    seed = SEED + 2
+    rng = random.Random(seed)
+    fs_root = loop_fs(tmp_path, stack, "storefs")
+    site, writer = started_site(tmp_path, mount_factory, stack, seed, store=fs_root / "store")
+    baseline = full_syncs(site)
+    writer.start()
+    try:
+        for i in range(1, rounds + 1):
+            STATS["iterations"] += 1
+            what = f"store full {i}"
+            time.sleep(rng.uniform(0.2, 1.5))
+            FAULTS["store file system full"] += 1
+            fill(fs_root / "filler")
+            # The group's cycles are refused (staging needs space) or a commit
+            # cannot apply: either way status says why, and the replica stays at a point.
+            status_shows(site, lambda st: any(d["state"] != "in-sync" and d.get("error")
+                                              and "space" in d["error"].lower() for d in st["disks"]), what, seed)
+            writer.pause()
+            check_at_point(site, writer, frozen=False, seed=seed, what=what)
+            writer.resume()
+            time.sleep(rng.uniform(0.5, 2))
+            os.unlink(fs_root / "filler")
+            check_converged(site, writer, what, seed, timeout=90)
+            check_no_full_sync(site, baseline, seed, what)
+    finally:
+        writer.finish()
+
+
+@pytest.mark.timeout(150)
+def test_store_full(tmp_path, mount_factory, stack):
+    store_full_run(tmp_path, mount_factory, stack, rounds=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_store_full_long(tmp_path, mount_factory, stack):
+    store_full_run(tmp_path, mount_factory, stack, rounds=6)
+
+
+# ------------------------------------------------ source state directory full
+
+def state_dir_full_run(tmp_path, mount_factory, stack, rounds: int) -> None:
+    """SRC on a small file system; a filler in SRC/.vrfs (hidden from the
+    datastore) takes every free block. The disks are allocated (written
+    whole), so the VM's overwrites need no space: they must go on, while the
+    activity log and the checkpoints cannot grow."""
+    seed = SEED + 3
+    rng = random.Random(seed)
+
+    def on_loop(site: Site) -> None:
+        site.src.rmdir()
+        assert loop_fs(tmp_path, stack, "src") == site.src
+    site, writer = started_site(tmp_path, mount_factory, stack, seed, setup=on_loop)
+    writer.start()
+    try:
+        for i in range(1, rounds + 1):
+            STATS["iterations"] += 1
+            what = f"state dir full {i}"
+            time.sleep(rng.uniform(0.2, 1.5))
+            FAULTS["source state directory full"] += 1
+            before = full_syncs(site)
+            fill(site.src / ".vrfs" / "filler")
+            # A new, empty disk needs no space; its first acknowledgment asks
+            # for a checkpoint at once (instead of within 30 s).
+            (site.mnt / GROUP / f"nvram{i}").touch()
+            # Writes go on (the writer fails the test otherwise); tracking is
+            # not durable: a warning, or needs-full-sync with the reason.
+            st = status_shows(site, lambda st: bool(st["tracking_degraded"]) and all(
+                d.get("warning") or d.get("reason") for d in st["disks"]), what, seed, timeout=60)
+            lost = any(d["state"] == "full-sync" or "full sync" in d.get("reason", "") for d in st["disks"])
+            time.sleep(rng.uniform(0.5, 2))
+            os.unlink(site.src / ".vrfs" / "filler")
+            check_converged(site, writer, what, seed, timeout=90)
+            status_shows(site, lambda st: not st["tracking_degraded"], f"{what}: durable again", seed, timeout=60)
+            # A full sync only where tracking state was lost (the state files go on ENOSPC).
+            CHECKS["no full sync"] += 1
+            if not lost and "cannot be made durable" not in site.mount.log():
+                assert full_syncs(site) == before, f"{what}: a full sync without lost tracking {where(seed, what)}"
+    finally:
+        writer.finish()
+    check_converged(site, writer, "the end", seed)
+
+
+@pytest.mark.timeout(150)
+def test_state_dir_full(tmp_path, mount_factory, stack):
+    state_dir_full_run(tmp_path, mount_factory, stack, rounds=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_state_dir_full_long(tmp_path, mount_factory, stack):
+    state_dir_full_run(tmp_path, mount_factory, stack, rounds=5)
