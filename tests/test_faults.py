@@ -652,3 +652,160 @@ def test_state_dir_full(tmp_path, mount_factory, stack):
 @pytest.mark.timeout(900)
 def test_state_dir_full_long(tmp_path, mount_factory, stack):
     state_dir_full_run(tmp_path, mount_factory, stack, rounds=5)
+
+
+# ------------------------------------------- state files lost while unmounted
+
+def damage_state_file(path: Path, how: str, rng: random.Random) -> None:
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        os.truncate(path, rng.randrange(0, path.stat().st_size))
+    else:
+        data = bytearray(path.read_bytes())
+        off = rng.randrange(0, len(data))
+        data[off:off + 16] = bytes(b ^ 0xA5 for b in data[off:off + 16])
+        path.write_bytes(bytes(data))
+
+
+def state_file_run(tmp_path, mount_factory, stack, rounds: int) -> None:
+    """While unmounted (cleanly, or after a kill -9), a disk's state file is
+    deleted, cut short or overwritten; after the remount that disk (only)
+    does a full sync, with the reason in status, and converges byte-identically.
+    While mounted, a deleted state file is written again by the next
+    checkpoint: no full sync at all."""
+    seed = SEED + 4
+    rng = random.Random(seed)
+    site, writer = started_site(tmp_path, mount_factory, stack, seed)
+    writer.start()
+    try:
+        for i in range(1, rounds + 1):
+            STATS["iterations"] += 1
+            victim = rng.choice(list(DISKS))
+            how = rng.choice(["delete", "truncate", "garbage"])
+            what = f"state file {how} {i}"
+            time.sleep(rng.uniform(0.2, 1.0))
+            ino = os.stat(site.src / GROUP / victim).st_ino
+            state_file = site.src / ".vrfs" / "state" / f"{ino}.psf"
+            crash = rng.random() < 0.5
+            FAULTS[f"state file {how} while unmounted ({'kill -9' if crash else 'umount'})"] += 1
+            before = full_syncs(site)
+            writer.pause()
+            if crash:
+                writer.mount_up.clear()
+                site.mount.kill()
+            else:
+                site.mount.umount()
+            damage_state_file(state_file, how, rng)
+            site.mount.start()
+            writer.mount_up.set()
+            writer.resync()
+            writer.resume()
+            st = status_shows(site, lambda st: True, what, seed)
+            log = site.mount.log()
+            assert f"{GROUP}/{victim}: needs full sync" in log, f"{what}: the lost state is not reported"
+            CHECKS["fault visible in status"] += 1  # the reason is in status while the full sync runs
+            d = {x["path"]: x for x in st["disks"]}[f"{GROUP}/{victim}"]
+            assert d["state"] in ("full-sync", "syncing", "in-sync"), d
+            check_converged(site, writer, what, seed, timeout=90)
+            CHECKS["full sync only where state was lost"] += 1
+            synced = [line for line in site.mount.log().splitlines()[len(log.splitlines()) - 200:]
+                      if FULL_SYNC_LINE.search(line)]
+            assert full_syncs(site) > before, f"{what}: no full sync after lost state {where(seed, what)}"
+            assert all(victim in line for line in synced[-(full_syncs(site) - before):]), synced
+        # Deleted while mounted: the next checkpoint writes it again.
+        STATS["iterations"] += 1
+        FAULTS["state file deleted while mounted"] += 1
+        before = full_syncs(site)
+        for name in DISKS:
+            (site.src / ".vrfs" / "state" / f"{os.stat(site.src / GROUP / name).st_ino}.psf").unlink()
+        writer.pause()
+        site.mount.umount()
+        site.mount.start()
+        writer.resync()
+        writer.resume()
+        check_converged(site, writer, "state deleted while mounted", seed)
+        check_no_full_sync(site, before, seed, "state deleted while mounted")
+    finally:
+        writer.finish()
+
+
+@pytest.mark.timeout(150)
+def test_state_file_lost(tmp_path, mount_factory, stack):
+    state_file_run(tmp_path, mount_factory, stack, rounds=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_state_file_lost_long(tmp_path, mount_factory, stack):
+    state_file_run(tmp_path, mount_factory, stack, rounds=20)
+
+
+# ---------------------------------------------- replicas damaged at the DR site
+
+def replica_damage_run(tmp_path, mount_factory, stack, rounds: int) -> None:
+    """A replica deleted or overwritten by hand: a deleted one shows in
+    `status --store` (damaged) and is rebuilt (the receiver asks for a full
+    sync of it); an overwritten one is found by `vrfs verify` and repaired;
+    both end byte-identical."""
+    seed = SEED + 5
+    rng = random.Random(seed)
+    site, writer = started_site(tmp_path, mount_factory, stack, seed)
+    writer.start()
+    try:
+        for i in range(1, rounds + 1):
+            STATS["iterations"] += 1
+            victim = rng.choice(list(DISKS))
+            replica = site.replica(f"{GROUP}/{victim}")
+            time.sleep(rng.uniform(0.2, 1.0))
+            if rng.random() < 0.5:
+                what = f"replica deleted {i}"
+                FAULTS["replica deleted at the DR site"] += 1
+                writer.pause()  # no cycle may recreate it before status is read
+                site.server.stop()
+                replica.unlink()
+                st = {d["path"]: d for d in store_status(site.store_url)}
+                assert st[f"{GROUP}/{victim}"]["state"] == "damaged", st
+                CHECKS["fault visible in status"] += 1
+                site.server.start()
+                writer.resume()
+                check_converged(site, writer, what, seed, timeout=90)
+            else:
+                what = f"replica overwritten {i}"
+                FAULTS["replica overwritten at the DR site"] += 1
+                writer.pause()
+                site.wait_converged(what, timeout=60)
+                with open(replica, "r+b") as f:
+                    off = rng.randrange(0, DISKS[victim] - 4096)
+                    f.seek(off)
+                    f.write(os.urandom(4096))
+                    f.flush()
+                    os.fsync(f.fileno())
+                found = vrfs("verify", str(site.mnt), "--json", "--rate", "0", check=False, timeout=120)
+                assert found.returncode == 1, (found.stdout, found.stderr)
+                CHECKS["fault found by verify"] += 1
+                status_shows(site, lambda st: any((d.get("verify") or {}).get("state") not in (None, "ok")
+                                                  for d in st["disks"]), what, seed)
+                # Repaired with the writes still paused: a write would carry the block anyway.
+                fixed = vrfs("verify", str(site.mnt), "--repair", "--rate", "0", check=False, timeout=120)
+                assert fixed.returncode == 1, (fixed.stdout, fixed.stderr)
+                writer.resume()
+                check_converged(site, writer, what, seed, timeout=90)
+                writer.pause()
+                again = vrfs("verify", str(site.mnt), "--rate", "0", check=False, timeout=120)
+                assert again.returncode == 0, (again.stdout, again.stderr)
+                CHECKS["verify clean after repair"] += 1
+                writer.resume()
+    finally:
+        writer.finish()
+
+
+@pytest.mark.timeout(150)
+def test_replica_damaged(tmp_path, mount_factory, stack):
+    replica_damage_run(tmp_path, mount_factory, stack, rounds=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_replica_damaged_long(tmp_path, mount_factory, stack):
+    replica_damage_run(tmp_path, mount_factory, stack, rounds=20)
