@@ -809,3 +809,18 @@ def test_replica_damaged(tmp_path, mount_factory, stack):
 @pytest.mark.timeout(900)
 def test_replica_damaged_long(tmp_path, mount_factory, stack):
     replica_damage_run(tmp_path, mount_factory, stack, rounds=20)
+
+
+@pytest.mark.timeout(10)
+def test_silent_link_fails_within_link_timeout():
+    """Regression (found by test_network_partition): a partitioned link kept
+    the shipper waiting up to REPLY_TIMEOUT (600 s) with status `syncing`
+    and no reason. The socket now aborts after VRFS_LINK_TIMEOUT."""
+    import socket
+
+    from vrfs.link import LINK_TIMEOUT, tune_socket
+    with socket.socket() as sock:
+        tune_socket(sock, None)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == int(LINK_TIMEOUT * 1000)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) * 1.0 <= LINK_TIMEOUT
