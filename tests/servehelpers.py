@@ -54,14 +54,19 @@ class Server:
         self.args: tuple[str, ...] = ()  # more options of vrfs serve
         self.insecure = False  # plain TCP: for tests of what the frame layer does with any bytes
         self.preexec: Callable[[], object] | None = None  # run in the child before exec (e.g. setrlimit)
+        self.host = "127.0.0.1"  # the address it listens on (and a Site's mount connects to)
+        self.netns: str | None = None  # run it inside this network namespace (`ip netns exec NAME`)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Server:
         log = open(self.log_path, "ab")
         start_at = self.log_path.stat().st_size
+        # `ip netns exec` execs the command itself: the PID is still vrfs serve's.
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         self.proc = subprocess.Popen(
-            vrfs_command("serve", "--foreground", "--listen", f"127.0.0.1:{self.port}", "--store", self.store_url,
-                         *self.args, *(["--insecure"] if self.insecure else serve_args(self.args))),
+            prefix + vrfs_command("serve", "--foreground", "--listen", f"{self.host}:{self.port}",
+                                  "--store", self.store_url, *self.args,
+                                  *(["--insecure"] if self.insecure else serve_args(self.args))),
             stdout=log, stderr=log, env=vrfs_env(self.env), cwd=REPO, preexec_fn=self.preexec)
         log.close()
         deadline = time.monotonic() + timeout

@@ -107,14 +107,18 @@ class Site:
         stack.callback(self.server.stop)
         self._factory = mount_factory
         self.mount = None
+        self.peer_host: str | None = None  # where the mount connects; None: the server's listen address
+        self.rpo = RPO
+        self.mount_env: dict[str, str] | None = None  # more environment for the mount's daemon
 
     def serve(self) -> "Site":
         self.server.start()
         return self
 
     def start_mount(self) -> "Site":
-        self.mount = self._factory(self.src, self.mnt, "--peer", f"127.0.0.1:{self.server.port}",
-                                   "--name", NAME, "--rpo", RPO)
+        host = self.peer_host or self.server.host
+        self.mount = self._factory(self.src, self.mnt, "--peer", f"{host}:{self.server.port}",
+                                   "--name", NAME, "--rpo", self.rpo, env=self.mount_env)
         return self
 
     def replica(self, path: str) -> Path:

@@ -8,6 +8,7 @@ unusable and the caller connects again. Calls on one link are serialized.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field as dc_field
@@ -46,6 +47,12 @@ PIPELINE_DEPTH = 8  # batches compressed or queued ahead of the socket
 SOCKET_BUFFER = 4 << 20
 CONNECT_TIMEOUT = 30.0
 REPLY_TIMEOUT = 600.0  # the receiver applies a whole cycle before it answers
+# A link that goes silent (a network partition, a peer host gone without a
+# FIN or RST) must fail within this, not wait REPLY_TIMEOUT: sent data left
+# unacknowledged this long aborts the connection (TCP_USER_TIMEOUT), and an
+# idle connection is probed by keepalive within it. The peer's kernel
+# acknowledges while its vrfs is busy applying, so a slow apply is no failure.
+LINK_TIMEOUT = float(os.environ.get("VRFS_LINK_TIMEOUT", "30"))
 
 
 class LinkError(Exception):
@@ -93,6 +100,14 @@ def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     except OSError:
         pass
+    for name, value in (("TCP_USER_TIMEOUT", int(LINK_TIMEOUT * 1000)),
+                        ("TCP_KEEPIDLE", max(1, int(LINK_TIMEOUT / 3))),
+                        ("TCP_KEEPINTVL", max(1, int(LINK_TIMEOUT / 6))), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, name):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+            except OSError:
+                pass
     if congestion and hasattr(socket, "TCP_CONGESTION"):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
