@@ -249,7 +249,13 @@ class Receiver:
             except (Refusal, OSError, StoreError) as exc:
                 await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
                 return
-            journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
+            try:
+                journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
+            except OSError as exc:  # no room for even an empty journal: this group waits, the link stays
+                await self._refuse(frames, peer, source, header,
+                                   Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
+                                   drain=True)
+                return
             committed = False
             try:
                 try:
