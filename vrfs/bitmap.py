@@ -31,22 +31,31 @@ class Bitmap:
         byte = i >> 3
         return byte < len(self._bits) and bool(self._bits[byte] & (1 << (i & 7)))
 
-    def set_range(self, start: int, stop: int) -> None:
-        """Set bits start..stop-1."""
+    def set_range(self, start: int, stop: int) -> int:
+        """Set bits start..stop-1; returns how many of them were clear."""
         if stop <= start:
-            return
+            return 0
         self._grow(stop)
+        was_set = self.count_range(start, stop)
         first_full = (start + 7) >> 3
         last_full = stop >> 3  # exclusive
         if first_full >= last_full:
             for i in range(start, stop):
                 self._bits[i >> 3] |= 1 << (i & 7)
-            return
+            return stop - start - was_set
         for i in range(start, first_full << 3):
             self._bits[i >> 3] |= 1 << (i & 7)
         self._bits[first_full:last_full] = b"\xff" * (last_full - first_full)
         for i in range(last_full << 3, stop):
             self._bits[i >> 3] |= 1 << (i & 7)
+        return stop - start - was_set
+
+    def count_range(self, start: int, stop: int) -> int:
+        """How many of bits start..stop-1 are set (reads only the bytes that hold them)."""
+        if stop <= start:
+            return 0
+        value = int.from_bytes(self._bits[start >> 3:(stop + 7) >> 3], "little") >> (start & 7)
+        return (value & ((1 << (stop - start)) - 1)).bit_count()
 
     def clear_from(self, start: int) -> None:
         """Clear every bit >= start (the blocks past a shrunk end of file)."""
