@@ -125,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give up (exit 2) when no progress is made this long, e.g. the link is down "
                         "(default: 2m)")
 
+    pl = sub.add_parser(
+        "plan", help="the bandwidth an RPO needs, whether a link holds it, how long the initial sync takes",
+        description="From the disks, their change rate (given, or measured on a running mount), the RPOs and "
+                    "a compression ratio: the data each cycle carries, the bandwidth it needs, whether --link "
+                    "holds each RPO, the shortest RPO it holds, and the initial sync time. A cycle carries "
+                    "RPO/2 of changes and must be committed within the next RPO/2 (docs/plan.md). Sizes are "
+                    "binary (1M = 1 MiB), bit rates decimal (1 Mbit/s = 10^6 bit/s).")
+    pl.add_argument("--disk", metavar="SIZE", action="append",
+                    help="a disk's allocated size, e.g. 100G; repeatable")
+    pl.add_argument("--disks", metavar="N", help="N disks of --size SIZE (besides any --disk)")
+    pl.add_argument("--size", metavar="SIZE", help="the size of each of --disks N")
+    rate = pl.add_mutually_exclusive_group()
+    rate.add_argument("--change-rate", metavar="RATE",
+                      help="changed blocks per time over all disks: 5M/s, 40G/d (bytes, binary), 20Mbit/s, "
+                           "or 2%%/h of the disks' size; an upper bound: rewrites count each time")
+    rate.add_argument("--measure", metavar="MOUNTPOINT",
+                      help="measure the change rate of a running `vrfs mount` (distinct blocks per cycle), "
+                           "its disks (unless given) and, if it ships, its compression ratio")
+    pl.add_argument("--for", dest="measure_for", metavar="DURATION",
+                    help="sampling time of --measure (default: 60s)")
+    pl.add_argument("--rpo", metavar="DURATION", action="append",
+                    help="an RPO, or a list: 30s,5m,1h; repeatable (default: 30s,1m,5m,15m,1h)")
+    pl.add_argument("--link", metavar="RATE", help="the link to the DR site, e.g. 100Mbit/s, 1Gbps, 50M/s")
+    pl.add_argument("--compression", metavar="RATIO",
+                    help="data / bytes on the wire, e.g. 2 or 3:1 (default: measured with --measure on a "
+                         "replicating mount, else 2)")
+    pl.add_argument("--rtt", metavar="TIME", help="round-trip time of the link, e.g. 40ms (default: 0)")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+
     pts = sub.add_parser("points", help="list the points in time a DR-site store holds",
                          description="Per group of a store: its points (id, cut time, size, disks). "
                                      "Works whether or not `vrfs serve` runs on the store.")
@@ -302,6 +331,9 @@ def _dispatch(argv: list[str] | None) -> int:
         from vrfs import drcmd
         return {"points": drcmd.points_main, "test-failover": drcmd.test_failover_main,
                 "failover": drcmd.failover_main, "reprotect": drcmd.reprotect_main}[args.command](args)
+    if args.command == "plan":
+        from vrfs.plancmd import plan_main
+        return plan_main(args)
     if args.command == "serve":
         from vrfs.serve import serve_main
         return serve_main(args)
