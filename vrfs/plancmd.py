@@ -62,7 +62,8 @@ def parse_rate(text: str, what: str, total_size: int | None = None) -> float:
     else:
         u = re.fullmatch(r"([KMGTkmgt]?)(B|iB)?", unit)
         if not u:
-            hint = (f": write {unit[:-1]}bit/{per} for bits or {unit[:-1]}B/{per} for bytes"
+            n = m.group(1)
+            hint = (f": write {n}{unit[:-1]}bit/{per} for bits or {n}{unit[:-1]}B/{per} for bytes"
                     if unit.endswith("b") else f" ({_RATE_HELP})")
             raise UserError(f"bad {what} {text!r}: unknown unit {unit!r}{hint}", EXIT_USAGE)
         amount = number * _BYTE_PREFIX[u.group(1).lower()]
@@ -137,8 +138,11 @@ def measure(mountpoint: str, seconds: float, say=None) -> dict:
     of its status): a block counts once per cycle however often it is rewritten,
     which is what the shipper sends. The compression ratio is the block bytes
     shipped over the bytes on the wire meanwhile, when enough was shipped."""
+    from vrfs.mountinfo import is_fuse_mount
     from vrfs.status import mount_status
     mp = os.path.abspath(mountpoint)
+    if not is_fuse_mount(mp):
+        raise UserError(f"{mountpoint} is not a vrfs mount", EXIT_USAGE)
     first = mount_status(mp)
     if not first.get("tracking", True):
         raise UserError(f"{mountpoint} is mounted without change tracking (--no-tracking): there is nothing to measure")
@@ -274,6 +278,10 @@ def build_report(w: plan.Workload, rpos: list[float], link: float | None, rtt: f
         if shortest == 0:
             verdicts.append(f"a {link_text} link holds any RPO for this change rate "
                             "(give --rtt: the round trips set the limit then)")
+        elif link is not None and link <= w.change_rate / w.compression and math.isfinite(shortest):
+            verdicts.append(f"a {link_text} link is slower than the change rate ({_fmt_rate(w.change_rate / w.compression)} "
+                            f"on the wire): it holds only RPOs of {_fmt_duration(shortest)} and longer, where every "
+                            "cycle is a whole copy of every disk")
         elif math.isfinite(shortest):
             verdicts.append(f"the shortest RPO a {link_text} link holds for this change rate: "
                             f"{_fmt_duration(shortest)}")
