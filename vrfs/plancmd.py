@@ -279,9 +279,9 @@ def build_report(w: plan.Workload, rpos: list[float], link: float | None, rtt: f
             verdicts.append(f"a {link_text} link holds any RPO for this change rate "
                             "(give --rtt: the round trips set the limit then)")
         elif link is not None and link <= w.change_rate / w.compression and math.isfinite(shortest):
-            verdicts.append(f"a {link_text} link is slower than the change rate ({_fmt_rate(w.change_rate / w.compression)} "
-                            f"on the wire): it holds only RPOs of {_fmt_duration(shortest)} and longer, where every "
-                            "cycle is a whole copy of every disk")
+            verdicts.append(f"a {link_text} link is slower than the change rate "
+                            f"({_fmt_rate(w.change_rate / w.compression)} on the wire): it holds only RPOs of "
+                            f"{_fmt_duration(shortest)} and longer, where every cycle is a whole copy of every disk")
         elif math.isfinite(shortest):
             verdicts.append(f"the shortest RPO a {link_text} link holds for this change rate: "
                             f"{_fmt_duration(shortest)}")
