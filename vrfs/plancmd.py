@@ -388,9 +388,11 @@ def _fmt_duration(seconds: float) -> str:
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
     s = round(seconds)
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if s >= size:
-            parts.append(f"{s // size}{unit}")
-            s %= size
-    return "".join(parts[:2])
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for i, (unit, size) in enumerate(units):
+        if s >= size or unit == "s":
+            text = f"{s // size}{unit}"
+            if i + 1 < len(units) and (s % size) // units[i + 1][1]:
+                text += f"{(s % size) // units[i + 1][1]}{units[i + 1][0]}"
+            return text
+    raise AssertionError(seconds)
