@@ -102,15 +102,19 @@ def render_mount(status: dict, width: int | None = None) -> list[str]:
             out.append("    INSECURE: plain TCP (--insecure): anyone on the path can read and write the replicas")
         out += _group_table(disks)
     pw = max(4, min(max((len(d["path"]) for d in disks), default=4), width - 54))
-    out.append(f"{'PATH':<{pw}} {'SIZE':>7} {'DIRTY':>7} {'STATE':<15} {'LAG/RPO':>12} {'SENT':>7}")
+    out.append(f"{'PATH':<{pw}} {'SIZE':>6} {'DIRTY':>6} {'STATE':<14} {'LAG/RPO':>16} {'SENT':>6}")
     for d in disks:
         state = d["state"]
         if "progress" in d and "sync_phase" not in d and state == "full-sync":
             state = f"{state} {d['progress'] * 100:.0f}%"
         elif "sync_phase" in d:
             state = f"{state} {_phase_fraction(d) * 100:.0f}%"
-        out.append(f"{d['path']:<{pw}} {human_size(d['size']):>7} {human_size(d['dirty_bytes']):>7} {state:<15} "
-                   f"{_lag(d):>12} {human_size(d['bytes_sent']) if 'bytes_sent' in d else '-':>7}")
+        row = (f"{human_size(d['size']):>6} {human_size(d['dirty_bytes']):>6} {state:<14} "
+               f"{_lag(d):>16} {human_size(d['bytes_sent']) if 'bytes_sent' in d else '-':>6}")
+        if len(d["path"]) > pw:  # a long path on a line of its own, the columns stay in place under it
+            out += [d["path"], f"{'':<{pw}} {row}"]
+        else:
+            out.append(f"{d['path']:<{pw}} {row}")
         if "sync_phase" in d:
             out.append("    " + _bar(d))
         for why in _why(d):
@@ -131,7 +135,7 @@ def _group_table(disks: list[dict]) -> list[str]:
         groups.setdefault(d.get("group") or d["path"].split("/", 1)[0], []).append(d)
     if not groups:
         return []
-    out = [f"{'GROUP':<16} {'STATE':<12} {'LAG/RPO':>13} {'POINT':>7} {'AGE':>7} {'RATE':>9} {'ETA':>8}"]
+    out = [f"{'GROUP':<14} {'STATE':<12} {'LAG/RPO':>16} {'POINT':>6} {'AGE':>6} {'RATE':>9} {'ETA':>6}"]
     for name, members in sorted(groups.items()):
         d = members[0]  # group-level fields are the same on each of its disks
         states = [m["state"] for m in members]
@@ -139,11 +143,11 @@ def _group_table(disks: list[dict]) -> list[str]:
         point = d.get("last_point") or {}
         rate = d.get("rate_bytes_per_second")
         etas = [m["eta_seconds"] for m in members if m.get("eta_seconds") is not None]
-        label = name if len(name) <= 16 else name[:15] + "~"
-        out.append(f"{label:<16} {state:<12} {_lag(d):>13} {point.get('id', '-'):>7} "
-                   f"{_duration(d.get('point_age_seconds')):>7} "
+        label = name if len(name) <= 14 else name[:13] + "~"
+        out.append(f"{label:<14} {state:<12} {_lag(d):>16} {point.get('id', '-'):>6} "
+                   f"{_duration(d.get('point_age_seconds')):>6} "
                    f"{human_size(rate) + '/s' if rate is not None else '-':>9} "
-                   f"{_duration(max(etas)) if etas else '-':>8}")
+                   f"{_duration(max(etas)) if etas else '-':>6}")
     return out
 
 
@@ -152,7 +156,7 @@ def _lag(d: dict) -> str:
         return "-"
     text = _duration(d["lag_seconds"])
     if d.get("rpo_seconds"):
-        text += "/" + _duration(d["rpo_seconds"])
+        text += "/" + _duration(d["rpo_seconds"], short=True)
     if d.get("rpo_violated", d.get("rpo_seconds") and d["lag_seconds"] > d["rpo_seconds"]):
         text += " RPO!"
     elif d.get("rpo_breach_predicted"):
@@ -192,18 +196,20 @@ def render_store(disks: list[dict], width: int | None = None) -> list[str]:
     return out
 
 
-def _duration(seconds: float | None) -> str:
-    """Compact: 7s, 12m05s, 3h05m, 2d03h."""
+def _duration(seconds: float | None, short: bool = False) -> str:
+    """Compact: 7s, 12m05s, 3h05m, 2d03h; short drops a zero second part (5m, 1h)."""
     if seconds is None:
         return "-"
     s = int(round(seconds))
     if s < 60:
         return f"{s}s"
     if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+        text = f"{s // 60}m{s % 60:02d}s"
+    elif s < 86400:
+        text = f"{s // 3600}h{s % 3600 // 60:02d}m"
+    else:
+        text = f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return text[:-3] if short and text.endswith(("00s", "00m", "00h")) else text
 
 
 def _terminal_width() -> int:
