@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--verify-every", metavar="DURATION",
                    help="verify every replica against the source this often, e.g. 7d, and repair what "
                         "differs (default: off; `vrfs verify` runs one now)")
+    _metrics(m, "lag, RPO, dirty bytes, bytes sent and cycles per group")
     _link_security(m, "the source")
     m.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.add_argument("--blocks", action="store_true",
                    help="also list the dirty block ranges of each disk (with --json)")
+    s.add_argument("--watch", "-w", action="store_true", help="redraw the table until Ctrl-C")
+    s.add_argument("--interval", metavar="DURATION", default="2s",
+                   help="time between redraws with --watch (default: 2s)")
 
     v = sub.add_parser(
         "verify", help="prove that the DR site holds exactly what the source held at its newest point",
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "connection takes the place of the oldest one still in its handshake, or of a "
                         "session silent for more than 10 minutes; else it is closed at once, unread. One "
                         "source needs one connection")
+    _metrics(r, "point age, cycles, bytes received and refusals per source and group")
     _link_security(r, "the receiver")
     r.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground and log to standard error")
@@ -258,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("name", metavar="NAME")
     _tls_dir(tr)
     return p
+
+
+def _metrics(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help=f"serve Prometheus metrics at http://HOST:PORT/metrics ({what}; docs/monitoring.md); "
+                        "default: off")
 
 
 def _tls_dir(p: argparse.ArgumentParser) -> None:

@@ -57,6 +57,7 @@ class MountConfig:
     untracked_writers: str  # --force: files other processes write behind vrfs's back
     verify_every: float | None = None  # periodic online verify, seconds
     tls_dir: str | None = None  # the site's key and pins (vrfs/trust.py); None: plain TCP (--insecure)
+    metrics_socket: socket.socket | None = None  # --metrics: bound before the daemon starts (vrfs/metrics.py)
 
 
 def _open_source(source: str) -> int:
@@ -214,6 +215,8 @@ def mount_main(args) -> int:
         raise UserError(f"bad --name {name!r}: {exc}", EXIT_USAGE) from None
 
     tls_dir = _check_tls(args, peer)
+    if args.metrics is not None and peer is None:
+        raise UserError("--metrics needs --peer: the metrics are those of replication", EXIT_USAGE)
 
     root_fd = _open_source(source)
     if is_fuse_mount(source):
@@ -224,6 +227,10 @@ def mount_main(args) -> int:
     # After the lock: a datastore already served elsewhere is reported as
     # such, not as its own daemon's open files.
     untracked_writers = _check_open_writers(source, args.force)
+    metrics_socket = None
+    if args.metrics is not None:
+        from vrfs.metrics import bind
+        metrics_socket = bind(args.metrics)  # a port in use is a one-line error, before anything is mounted
 
     config = MountConfig(
         source=source, mountpoint=mountpoint, root_fd=root_fd, vrfs_fd=vrfs_fd, state_fd=state_fd,
@@ -232,6 +239,7 @@ def mount_main(args) -> int:
         name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
         untracked_writers=untracked_writers, verify_every=verify_every, tls_dir=tls_dir,
+        metrics_socket=metrics_socket,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
     if args.foreground:
@@ -321,6 +329,11 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
         async with trio.open_nursery() as shipping:
             if shipper is not None:
                 shipping.start_soon(shipper.run)
+                shipping.start_soon(shipper.monitor.watch)  # logs RPO violated / met again
+                if config.metrics_socket is not None:
+                    from vrfs import metrics
+                    shipping.start_soon(metrics.serve, config.metrics_socket,
+                                        metrics.registry_for(metrics.SourceCollector(shipper)))
             ready()
             await pyfuse3.main(min_tasks=4)
             # The kernel is done with us: no more writes can arrive. A cycle in

@@ -57,6 +57,11 @@ class Receiver:
         self.limiter = trio.CapacityLimiter(threads)
         self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle (or a failover) in progress
         self._done: dict[tuple[str, str], trio.Event] = {}  # set when a busy group is released
+        # For metrics (vrfs/metrics.py), per (source, group): its newest point (id, cut time) and counters.
+        self.points: dict[tuple[str, str], tuple[int, float]] = {}
+        self.cycles_committed: dict[tuple[str, str], int] = {}
+        self.bytes_received: dict[tuple[str, str], int] = {}  # batch payloads staged (compressed, as received)
+        self.refusals: dict[tuple[str, str], int] = {}
 
     def _hold(self, key: tuple[str, str]) -> None:
         self._busy.add(key)
@@ -104,6 +109,7 @@ class Receiver:
                 log.info("redid apply of %s/%s cycle %d", source, journal.path.name, state.cycle_id)
         # Points the policy no longer keeps (it may have changed; a prune may have been cut short).
         for source, group, state in await self._run(self.store.groups):
+            self.points[(source, group)] = (state.cycle_id, state.cut_time)
             try:
                 await self._run(self.store.prune, source, group, state)
             except OSError as exc:
@@ -259,7 +265,7 @@ class Receiver:
             committed = False
             try:
                 try:
-                    await self._stage(frames, header, journal)
+                    await self._stage(frames, header, journal, key)
                 except OSError as exc:  # the store's own trouble (ENOSPC, EIO), not the peer's
                     await self._run(journal.discard)
                     await self._refuse(frames, peer, source, header,
@@ -281,6 +287,8 @@ class Receiver:
                         await self._run(journal.discard)
         finally:
             self._release(key)
+        self.points[key] = (state.cycle_id, state.cut_time)
+        self.cycles_committed[key] = self.cycles_committed.get(key, 0) + 1
         await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
         log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
 
@@ -329,6 +337,8 @@ class Receiver:
     async def _refuse(self, frames: FrameStream, peer: str, source: str, header: CycleHeader,
                       refusal: Refusal, *, drain: bool) -> None:
         log.warning("%s: refused cycle %d of %s/%s: %s", peer, header.cycle_id, source, header.group, refusal)
+        key = (source, header.group)
+        self.refusals[key] = self.refusals.get(key, 0) + 1
         if drain:
             await _drain_cycle(frames)
         try:
@@ -340,7 +350,8 @@ class Receiver:
             "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0,
             "fenced": isinstance(refusal, Fenced), "diverged": isinstance(refusal, Diverged)})
 
-    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> None:
+    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal,
+                     key: tuple[str, str] = ("", "")) -> None:
         """Receive the cycle's batches into the journal and commit it once the manifest checks out."""
         # A hostile peer must not fill the store: no cycle holds more blocks than its disks have.
         limit = sum(d.block_count for d in header.disks)
@@ -350,6 +361,7 @@ class Receiver:
             frame = await _next_in_cycle(frames)
             if frame.type == MsgType.CYCLE_END:
                 break
+            self.bytes_received[key] = self.bytes_received.get(key, 0) + len(frame.payload)
             batch = await self._run(decode_batch, frame.payload, header.disks)
             count += batch.count
             if count > limit:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,14 @@ def serve_main(args: Any) -> int:
     store.policy = policy
     tls = server_tls(args)
     admission.configure(args.max_connections)
+    metrics_socket = None
+    if args.metrics is not None:
+        from vrfs.metrics import bind
+        metrics_socket = bind(args.metrics)  # a port in use is a one-line error at the command
     log_file = Path(args.log).absolute() if args.log else None
     if args.foreground:
         _open_store(store)
-        return daemon.foreground(lambda ready: _run(store, host, port, tls, ready), args.debug)
+        return daemon.foreground(lambda ready: _run(store, host, port, tls, ready, metrics_socket), args.debug)
 
     def open_store_and_log():
         _open_store(store)
@@ -64,7 +69,7 @@ def serve_main(args: Any) -> int:
             ready()
 
         try:
-            return _run(store, host, port, tls, written_ready)
+            return _run(store, host, port, tls, written_ready, metrics_socket)
         finally:
             pid_file.unlink(missing_ok=True)
 
@@ -92,15 +97,17 @@ def _open_store(store: Store) -> None:
         raise UserError(str(exc)) from None
 
 
-def _run(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None]) -> int:
+def _run(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None],
+         metrics_socket: socket.socket | None = None) -> int:
     try:
-        trio.run(_serve, store, host, port, tls, ready)
+        trio.run(_serve, store, host, port, tls, ready, metrics_socket)
     finally:
         store.close()
     return 0
 
 
-async def _serve(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None]) -> None:
+async def _serve(store: Store, host: str, port: int, tls: ServerTls, ready: Callable[[], None],
+                 metrics_socket: socket.socket | None = None) -> None:
     receiver = Receiver(store)
 
     async def connection(stream: admission.AdmittedStream) -> None:
@@ -127,6 +134,10 @@ async def _serve(store: Store, host: str, port: int, tls: ServerTls, ready: Call
             await nursery.start(control.serve_control, control_path, RecoveryRequests(store, receiver).handle)
             (store.state_dir / CONTROL_FILE).write_text(control_path + "\n")
             await nursery.start(admission.serve_listeners, connection, listeners)
+            if metrics_socket is not None:
+                from vrfs import metrics
+                nursery.start_soon(metrics.serve, metrics_socket,
+                                   metrics.registry_for(metrics.ReceiverCollector(receiver)))
             log.info("serving %s on %s:%d (store id %s, keeping %s, %s)", store.url, host, port, store.store_id,
                      format_policy(store.policy), _describe_tls(tls))
             ready()

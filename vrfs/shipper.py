@@ -19,6 +19,7 @@ import trio
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
 from vrfs.link import CycleRefused, Link, LinkError
+from vrfs.monitor import Monitor
 from vrfs.tls import ClientTls
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
@@ -66,6 +67,9 @@ class Shipper:
         self.store_id = self._load_peer()
         self.lineage = self._load_lineage()  # disk_id -> the point a failover started it from
         self.generations = self._load_generations()  # disk_id -> its generations, when a failover made more
+        # group -> the scheduler foresees that the group will miss its RPO (status, metrics); absent: no.
+        self.predicted_breach: dict[str, bool] = {}
+        self.monitor = Monitor(self)  # lag, rate, ETA and counters for status and metrics (vrfs/monitor.py)
 
     # ------------------------------------------------------------ the loop
 
@@ -195,18 +199,23 @@ class Shipper:
         header = CycleHeader(name, cycle_id, cut.cut_time, entries, full_sync)
         sent_before = link.bytes_sent
         shipped = {d: 0 for d in cut.parts}
+        flight = self.monitor.begin(cut, cycle_id, link, shipped)
         try:
             await link.send_cycle(header, self._blocks(cut, shipped))
         except CycleRefused as refusal:
+            self.monitor.end(flight, "refused")
             self.tracker.failed(cut)
             self._refused(name, refusal)
             return
-        except BaseException:
+        except BaseException as exc:
             if link.points.get(name, 0) >= cycle_id:  # committed; only the answer was lost
+                self.monitor.end(flight, "committed")
                 self._acknowledge(cut, cycle_id, shipped, 0)
             else:
+                self.monitor.end(flight, "error" if isinstance(exc, Exception) else "cancelled")
                 self.tracker.failed(cut)
             raise
+        self.monitor.end(flight, "committed")
         self.refused.pop(name, None)
         self.fenced.pop(name, None)
         self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
@@ -287,6 +296,7 @@ class Shipper:
         entry = DiskEntry(disk.disk_id, disk.path, st.st_size, disk.block_size)
         total = entry.block_count
         disk.sync_progress = 0.0
+        self.monitor.scan_started(disk)
         point = self.lineage.get(disk.disk_id)
         if point is not None and not disk.needs_full_sync:
             # This disk started at a point of its own replica's lineage (a
@@ -379,7 +389,6 @@ class Shipper:
 
     def describe(self, disk: Disk) -> dict:
         point = self.points.get(disk.group)
-        group = self.tracker.group(disk.group)
         refused = self.refused.get(disk.group)
         if disk.needs_full_sync or disk.last_ack_cycle == 0 or disk.sync_progress is not None:
             state = "full-sync"
@@ -393,14 +402,15 @@ class Shipper:
             state = "syncing"
         else:
             state = "in-sync"
-        info = {
+        info: dict = {
             "state": state,
             "last_point": point,
-            "lag_seconds": round(time.monotonic() - group.oldest_change, 3) if group.oldest_change else 0.0,
             "bytes_sent": self.bytes_sent.get(disk.disk_id, 0),
             "bytes_dirty_shipped": self.bytes_shipped.get(disk.disk_id, 0),
-            "rpo_seconds": self.rpo,
         }
+        # lag_seconds (what the DR site would lose), rpo_seconds, rpo_violated, rate, ETA: vrfs/monitor.py
+        info.update(self.monitor.group_info(disk.group))
+        info.update(self.monitor.disk_info(disk))
         if disk.sync_progress is not None:
             info["progress"] = round(disk.sync_progress, 4)
         if self.last_error and not self.connected:

@@ -1,0 +1,219 @@
+"""Prometheus metrics: `vrfs mount --metrics HOST:PORT` and `vrfs serve
+--metrics HOST:PORT` answer GET /metrics (docs/monitoring.md lists them).
+
+The exposition format and its conventions come from prometheus_client;
+values are read from the shipper or the receiver when scraped (custom
+collectors), never updated on the write path. The endpoint is served by
+trio in the daemon's own loop, so a scrape sees a consistent state and needs
+no lock: it is a few dictionary reads per group, and a slow or broken
+scraper holds only its own task. A failing scrape is answered 500 and
+logged; nothing here can take the daemon down. The port is bound before the
+daemon starts, so a port in use is a one-line startup error.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from vrfs.errors import EXIT_USAGE, UserError
+from vrfs.parse import parse_address
+
+if TYPE_CHECKING:
+    from vrfs.receiver import Receiver
+    from vrfs.shipper import Shipper
+
+log = logging.getLogger("vrfs.metrics")
+
+REQUEST_TIMEOUT = 10.0  # seconds a scraper gets to send its request and read the answer
+MAX_REQUEST = 8192
+MAX_SCRAPES = 8  # at once; more are closed at once
+
+
+class SourceCollector(Collector):
+    """Per group of a mounted datastore (labels: source = its --name, group)."""
+
+    def __init__(self, shipper: "Shipper") -> None:
+        self.shipper = shipper
+
+    def collect(self) -> Iterator[Metric]:
+        shipper, monitor = self.shipper, self.shipper.monitor
+        labels = ["source", "group"]
+
+        def gauge(name: str, doc: str) -> GaugeMetricFamily:
+            return GaugeMetricFamily(name, doc, labels=labels)
+
+        def counter(name: str, doc: str) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, labels=labels)
+
+        lag = gauge("vrfs_lag_seconds", "Age of the oldest write not yet in a point acknowledged by the DR site "
+                    "(what a disaster now would lose); 0 when nothing was written since that point")
+        age = gauge("vrfs_point_age_seconds", "Age of the newest point acknowledged by the DR site (now minus its "
+                    "cut time); absent until this daemon knows the cut time")
+        rpo = gauge("vrfs_rpo_seconds", "Recovery point objective of the group")
+        violated = gauge("vrfs_rpo_violated", "1 when vrfs_lag_seconds exceeds vrfs_rpo_seconds")
+        predicted = gauge("vrfs_rpo_breach_predicted", "1 when the scheduler predicts the group will miss its RPO")
+        dirty = gauge("vrfs_dirty_bytes", "Bytes of blocks changed and not yet acknowledged by the DR site")
+        sent = counter("vrfs_sent_bytes", "Bytes sent on the wire in cycles (compressed, every cycle tried)")
+        cycles = counter("vrfs_cycles", "Cycles acknowledged (committed) by the DR site")
+        errors = counter("vrfs_cycle_errors", "Cycles that failed (link or read error) before an answer")
+        refusals = counter("vrfs_cycle_refusals", "Cycles the receiver refused (CYCLE_REFUSED)")
+        for group in monitor.group_names():
+            values = [shipper.name, group]
+            lag_s, _ = monitor.lag(group)
+            rpo_s = monitor.rpo(group)
+            lag.add_metric(values, lag_s)
+            point_age = monitor.point_age(group)
+            if point_age is not None:
+                age.add_metric(values, point_age)
+            rpo.add_metric(values, rpo_s)
+            violated.add_metric(values, float(lag_s > rpo_s))
+            predicted.add_metric(values, float(bool(shipper.predicted_breach.get(group, False))))
+            dirty.add_metric(values, float(sum(
+                min(d.dirty().count() * d.block_size, max(d.size, 0))
+                for d in shipper.tracker.group_disks(group))))
+            c = monitor.counters(group)
+            sent.add_metric(values, monitor.wire_bytes(group))
+            cycles.add_metric(values, c.cycles)
+            errors.add_metric(values, c.errors)
+            refusals.add_metric(values, c.refusals)
+        connected = GaugeMetricFamily("vrfs_connected", "1 while the link to the DR site is up", labels=["source"])
+        connected.add_metric([shipper.name], float(shipper.connected))
+        yield from (lag, age, rpo, violated, predicted, dirty, sent, cycles, errors, refusals, connected)
+
+
+class ReceiverCollector(Collector):
+    """Per replicated group at the DR site (labels: source, group)."""
+
+    def __init__(self, receiver: "Receiver") -> None:
+        self.receiver = receiver
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.receiver
+        labels = ["source", "group"]
+        age = GaugeMetricFamily("vrfs_point_age_seconds", "Age of the group's newest committed point (now minus "
+                                "its cut time at the source)", labels=labels)
+        point = GaugeMetricFamily("vrfs_point_id", "Id of the group's newest committed point", labels=labels)
+        committed = CounterMetricFamily("vrfs_cycles_committed", "Cycles committed since this daemon started",
+                                        labels=labels)
+        received = CounterMetricFamily("vrfs_received_bytes", "Bytes of cycle batches received (compressed)",
+                                       labels=labels)
+        refusals = CounterMetricFamily("vrfs_cycle_refusals", "Cycles refused (CYCLE_REFUSED)", labels=labels)
+        now = time.time()
+        keys = sorted(set(r.points) | set(r.cycles_committed) | set(r.bytes_received) | set(r.refusals))
+        for key in keys:
+            values = list(key)
+            if key in r.points:
+                cycle_id, cut_time = r.points[key]
+                age.add_metric(values, max(0.0, now - cut_time))
+                point.add_metric(values, cycle_id)
+            committed.add_metric(values, r.cycles_committed.get(key, 0))
+            received.add_metric(values, r.bytes_received.get(key, 0))
+            refusals.add_metric(values, r.refusals.get(key, 0))
+        yield from (age, point, committed, received, refusals)
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)  # process_* (CPU, memory, open fds) of the daemon
+    registry.register(collector)
+    return registry
+
+
+# ---------------------------------------------------------------- the endpoint
+
+def bind(address: str) -> socket.socket:
+    """The listening socket of --metrics HOST:PORT, or a one-line UserError."""
+    if not re.search(r":\d+\s*$", address):
+        raise UserError(f"bad --metrics {address!r}: expected HOST:PORT (e.g. 127.0.0.1:9464)", EXIT_USAGE)
+    host, port = parse_address(address, default_host="127.0.0.1", what="--metrics")
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UserError(f"--metrics {address}: {exc.strerror or exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(16)
+    except OSError as exc:
+        sock.close()
+        raise UserError(f"cannot serve metrics on {address}: {exc.strerror or exc}") from None
+    sock.set_inheritable(False)
+    return sock
+
+
+async def serve(sock: socket.socket, registry: CollectorRegistry) -> None:
+    """Answer scrapes until cancelled. Never raises anything but cancellation."""
+    try:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        host, port = sock.getsockname()[:2]
+        log.info("metrics at http://%s:%d/metrics", host, port)
+        scrapes = trio.CapacityLimiter(MAX_SCRAPES)
+
+        async def handle(stream: trio.SocketStream) -> None:
+            try:
+                scrapes.acquire_nowait()
+            except trio.WouldBlock:
+                await stream.aclose()
+                return
+            try:
+                with trio.move_on_after(REQUEST_TIMEOUT):
+                    await _answer(stream, registry)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            except Exception:  # a scrape must never take the daemon down
+                log.exception("metrics request failed")
+            finally:
+                scrapes.release()
+                await trio.aclose_forcefully(stream)
+
+        await trio.serve_listeners(handle, [listener])
+    except Exception:
+        log.exception("the metrics endpoint failed; the daemon goes on without it")
+
+
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+    request = b""
+    while b"\r\n\r\n" not in request and b"\n\n" not in request:
+        chunk = await stream.receive_some(MAX_REQUEST)
+        if not chunk:
+            return
+        request += chunk
+        if len(request) > MAX_REQUEST:
+            await _send(stream, 431, b"request too large\n")
+            return
+    parts = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+    if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
+        await _send(stream, 405, b"only GET /metrics\n")
+        return
+    path = parts[1].split(b"?", 1)[0]
+    if path not in (b"/metrics", b"/"):
+        await _send(stream, 404, b"metrics are at /metrics\n")
+        return
+    try:
+        body = generate_latest(registry)
+    except Exception:
+        log.exception("collecting metrics failed")
+        await _send(stream, 500, b"collecting metrics failed (see the daemon's log)\n")
+        return
+    await _send(stream, 200, body, CONTENT_TYPE_LATEST, head=parts[0] == b"HEAD")
+
+
+async def _send(stream: trio.SocketStream, code: int, body: bytes, content_type: str = "text/plain; charset=utf-8",
+                head: bool = False) -> None:
+    reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+              500: "Internal Server Error"}[code]
+    header = (f"HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+              "Connection: close\r\n\r\n").encode()
+    await stream.send_all(header if head else header + body)
