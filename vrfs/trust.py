@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ CERT_SUFFIX = ".crt"
 FINGERPRINT_SUFFIX = ".fp"
 DEFAULT_DAYS = 3650
 MAX_NAME = 255
+MAX_PIN_BYTES = 64 << 10  # a certificate is about 600 bytes; /dev/zero is endless
+MAX_COMMON_NAME = 64  # X.509's upper bound; the name a peer is pinned under is what counts
 
 _FINGERPRINT = re.compile(r"^(?:sha256:)?((?:[0-9a-f]{2}:?){31}[0-9a-f]{2})$")
 
@@ -66,7 +69,11 @@ def parse_fingerprint(text: str) -> str | None:
 
 def check_pin_name(name: str) -> str:
     """A pinned name is a source name at the receiver: one safe path component."""
-    if (not name or len(name.encode(errors="surrogateescape")) > MAX_NAME or name in (".", "..")
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # bytes of another encoding on the command line: not a name a HELLO can carry
+        encoded = b""
+    if (not encoded or len(encoded) > MAX_NAME or name in (".", "..")
             or name.startswith(".") or any(c in name for c in "/\0\n\r\t") or name != name.strip()):
         raise TrustError(f"bad name {name!r}: one word, as the source names itself with `vrfs mount --name`")
     return name
@@ -85,8 +92,35 @@ class Pin:
         return self.certificate.not_valid_after_utc if self.certificate is not None else None
 
 
+def read_small(path: Path, regular_only: bool) -> bytes:
+    """A certificate or fingerprint file, read without hanging or filling
+    memory: at most MAX_PIN_BYTES; with ``regular_only`` (the pins in
+    trusted/, read at every connection) a FIFO, a device or a directory is
+    refused without being read. Raises OSError or TrustError."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular_only else 0)
+    fd = os.open(path, flags)
+    try:
+        if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TrustError(f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_PIN_BYTES:
+            chunk = os.read(fd, MAX_PIN_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_PIN_BYTES:
+        raise TrustError(f"{path} is not a certificate: more than {MAX_PIN_BYTES} bytes")
+    return b"".join(chunks)
+
+
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
-    """A certificate from PEM or DER bytes."""
+    """A certificate from PEM or DER bytes: exactly one (a pin names one peer)."""
+    count = data.count(b"-----BEGIN CERTIFICATE-----")
+    if count > 1:
+        raise TrustError(f"{what} holds {count} certificates: a pin is one certificate, its peer's own")
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
@@ -106,7 +140,7 @@ def check_validity(cert: x509.Certificate, what: str, now: datetime.datetime | N
 def make_certificate(key: ec.EllipticCurvePrivateKey, name: str, not_before: datetime.datetime,
                      not_after: datetime.datetime) -> x509.Certificate:
     """A self-signed certificate for both ends of a link (server and client auth)."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:MAX_COMMON_NAME]),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vrfs site")])
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(subject)
@@ -203,7 +237,7 @@ class TlsDir:
         if fp is None:
             path = Path(cert_or_fingerprint)
             try:
-                data = path.read_bytes()
+                data = read_small(path, regular_only=False)  # a pipe is fine: `vrfs trust add dr <(ssh dr cat ...)`
             except FileNotFoundError:
                 raise TrustError(f"{cert_or_fingerprint!r} is neither a certificate file nor a fingerprint "
                                  "(sha256: and 64 hex digits, as `vrfs keygen` prints it)") from None
@@ -231,6 +265,7 @@ class TlsDir:
         return Pin(name, fp, cert)
 
     def remove(self, name: str) -> Pin:
+        check_pin_name(name)  # "../site" would be the site's own certificate
         pin = self.pin(name)
         found = False
         for suffix in (CERT_SUFFIX, FINGERPRINT_SUFFIX):
@@ -251,10 +286,17 @@ class TlsDir:
     def state(self) -> tuple:
         """Changes whenever a pin is added, removed or replaced: when to rebuild a context."""
         try:
-            entries = os.scandir(self.trusted_path)
-            return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
+            entries = list(os.scandir(self.trusted_path))
         except OSError:
             return ()
+        out = []
+        for e in entries:
+            try:
+                st = e.stat()
+            except OSError:  # a dangling symlink must not hide the other entries' changes
+                st = e.stat(follow_symlinks=False)
+            out.append((e.name, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(out))
 
     def _pin_files(self) -> list[Path]:
         try:
@@ -269,9 +311,11 @@ class TlsDir:
     def _load_pin(self, path: Path) -> Pin | str:
         name = path.name.rsplit(".", 1)[0]
         try:
-            data = path.read_bytes()
+            data = read_small(path, regular_only=True)
         except OSError as exc:
             return f"{path}: {exc.strerror}"
+        except TrustError as exc:
+            return str(exc)
         if path.name.endswith(FINGERPRINT_SUFFIX):
             if (path.parent / (name + CERT_SUFFIX)).exists():
                 return "superseded"
