@@ -205,3 +205,270 @@ def test_pin_files_that_are_not_one_plain_certificate(tmp_path: Path) -> None:
     one_line_error(cli("trust", "add", "--tls-dir", str(rx.path), "b", str(tmp_path / "bundle.pem")),
                    "2 certificates")
     assert rx.pin("b") is None and rx.pin("z") is None
+
+
+# ---------------------------------------------------------------- pins at a running receiver
+
+async def test_receiver_survives_pin_files_that_are_not_certificates(tmp_path: Path) -> None:
+    """The receiver reads its pins at every connection, in its event loop: a
+    FIFO named NAME.crt blocked it forever (every source, the control socket,
+    SIGTERM); a symlink to /dev/zero read until memory ran out."""
+    rx, srcs = pki(tmp_path, "hv1")
+    server = start(tmp_path, rx)
+    try:
+        os.mkfifo(rx.trusted_path / "fifo.crt")
+        (rx.trusted_path / "zero.fp").symlink_to("/dev/zero")
+        (rx.trusted_path / "gone.crt").symlink_to(tmp_path / "nothing")
+        started = time.monotonic()
+        link = await connect(server, srcs["hv1"], "hv1", timeout=5)
+        await ship(link, 2, b"A")
+        await link.aclose()
+        assert time.monotonic() - started < 3
+        # Pins still take effect while such entries sit there.
+        hv2 = TlsDir(tmp_path / "tls-hv2")
+        hv2.keygen("hv2")
+        hv2.add("dr", str(rx.cert_path))
+        rx.add("hv2", str(hv2.cert_path))
+        link = await connect(server, hv2, "hv2", timeout=5)
+        await link.aclose()
+        assert server.proc.poll() is None
+    finally:
+        assert server.stop() == 0
+
+
+async def test_one_certificate_pinned_under_two_names_is_refused_not_guessed(tmp_path: Path) -> None:
+    """`trust add` refuses a certificate under a second name, but a copy made
+    by hand (cp hv1.crt trusted/hv0.crt) was taken: the peer's name was
+    whichever file sorted first, so hv1's certificate could act as hv0 and
+    hv1 itself was refused. Now the certificate is refused under both names,
+    with one line saying why, and `trust list` names the conflict."""
+    rx, srcs = pki(tmp_path, "hv0", "hv1")
+    server = start(tmp_path, rx)
+    try:
+        link = await connect(server, srcs["hv0"], "hv0")
+        await ship(link, 2, b"0")
+        await link.aclose()
+        before = tree_digest(store_of(server))
+        rx.remove("hv0")
+        (rx.trusted_path / "hv0.crt").write_bytes(srcs["hv1"].cert_path.read_bytes())  # the operator's slip
+        start_at = len(server.log())
+        for claim in ("hv0", "hv1"):
+            with pytest.raises(LinkError):
+                await connect(server, srcs["hv1"], claim)
+        wait_for(lambda: server.log()[start_at:].count("pinned under several names") >= 2, server.log()[start_at:])
+        assert tree_digest(store_of(server)) == before
+        r = cli("trust", "list", "--tls-dir", str(rx.path))
+        assert r.returncode == 1 and "under several names" in r.stdout, r.stdout
+    finally:
+        server.stop()
+
+
+async def test_certificates_issued_by_a_pinned_key_are_refused(tmp_path: Path) -> None:
+    """Site certificates are CAs of themselves (OpenSSL needs that to take a
+    pinned certificate as its own trust anchor), so a pinned source's key
+    can sign other certificates that OpenSSL accepts; and an operator may pin
+    a real CA. Neither may let another certificate in, or take another name:
+    the receiver compares the leaf's fingerprint (this held)."""
+    rx, srcs = pki(tmp_path, "hv1", "hv2")
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = make_certificate(ca_key, "corp-ca", NOW - DAY, NOW + DAY)
+    (tmp_path / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    rx.add("corp", str(tmp_path / "ca.crt"))
+    server = start(tmp_path, rx)
+    try:
+        hv1_key = serialization.load_pem_private_key(srcs["hv1"].key_path.read_bytes(), None)
+        assert isinstance(hv1_key, ec.EllipticCurvePrivateKey)
+        hv1_cert = srcs["hv1"].site_certificate()
+        forged = [site_with(tmp_path, "by-hv1", *issued_by(hv1_key, hv1_cert, "hv2"), rx),
+                  site_with(tmp_path, "by-ca", *issued_by(ca_key, ca, "hv2"), rx)]
+        start_at = len(server.log())
+        for tls in forged:
+            for claim in ("hv1", "hv2", "corp"):
+                with pytest.raises(LinkError):
+                    await connect(server, tls, claim)
+        text = server.log()[start_at:]
+        assert "connected" not in text, text
+        assert "is not pinned" in text and "no longer pinned" not in text, text  # says what happened
+        assert not any((store_of(server) / n).exists() for n in ("hv1", "hv2", "corp"))
+    finally:
+        server.stop()
+
+
+async def test_trust_remove_cuts_an_open_session_at_its_next_request(tmp_path: Path) -> None:
+    """Pins were read only at the handshake: a source whose pin was removed
+    kept its open session, and a session lasts as long as the link stays up
+    (days), so it went on writing cycles. Now every request between cycles
+    (a cycle, a hash request) checks the pin first: a removed (or replaced)
+    pin ends the session with one log line; a cycle already streaming is
+    finished. An idle session stays open until it asks for something."""
+    rx, srcs = pki(tmp_path, "hv1")
+    server = start(tmp_path, rx)
+    try:
+        link = await connect(server, srcs["hv1"], "hv1")
+        await ship(link, 2, b"A")
+        before = tree_digest(store_of(server))
+        start_at = len(server.log())
+        rx.remove("hv1")
+        with pytest.raises(LinkError):
+            await ship(link, 3, b"B")
+        await link.aclose()
+        assert tree_digest(store_of(server)) == before
+        assert "no longer pinned" in server.log()[start_at:], server.log()[start_at:]
+        with pytest.raises(LinkError):
+            await connect(server, srcs["hv1"], "hv1")
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- handshake abuse
+
+def tls_client(tls: TlsDir | None, **versions: ssl.TLSVersion) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    for attr, value in versions.items():
+        setattr(ctx, attr, value)
+    if tls is not None:
+        ctx.load_cert_chain(tls.cert_path, tls.key_path)
+    return ctx
+
+
+def raw(port: int, data: bytes = b"", half_close: bool = False) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if data:
+        s.sendall(data)
+    if half_close:
+        s.shutdown(socket.SHUT_WR)
+    return s
+
+
+def tls_attempt(port: int, ctx: ssl.SSLContext, then: str = "stall") -> socket.socket | None:
+    """A TLS client that completes (or fails) its side of the handshake, then
+    stalls without HELLO, or sends close_notify at once."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        t = ctx.wrap_socket(s, server_hostname=None)
+    except (ssl.SSLError, OSError):
+        s.close()
+        return None
+    if then == "close_notify":
+        try:
+            t.unwrap()
+        except (ssl.SSLError, OSError):
+            pass
+    return t
+
+
+async def test_handshake_abuse_blocks_no_source_and_leaks_nothing(tmp_path: Path) -> None:
+    """Silent sockets, a lone 0x16 byte, a ClientHello and then nothing, a
+    half-closed socket, junk after 0x16, TLS 1.2-only clients, clients without
+    a certificate, a pinned client that completes TLS and never says HELLO,
+    close_notify right after the handshake: 110 of them at once, beyond the
+    connection bound. A real source still connects and commits within a
+    couple of seconds, the daemon lives, its log grows by a few lines, and
+    once the attackers are gone its descriptors are back where they were
+    (this held)."""
+    rx, srcs = pki(tmp_path, "hv1", "hv9")
+    server = start(tmp_path, rx, "--max-connections", "48")
+    pid = server.proc.pid
+    socks: list[socket.socket] = []
+    try:
+        link = await connect(server, srcs["hv1"], "hv1")
+        await ship(link, 2, b"A")
+        await link.aclose()
+        await trio.sleep(0.3)
+        fd0, rss0 = fds(pid), rss_kib(pid)
+        log0 = len(server.log().splitlines())
+        hello = client_hello()
+        port = server.port
+        socks += [raw(port) for _ in range(20)]
+        socks += [raw(port, b"\x16") for _ in range(20)]
+        socks += [raw(port, hello) for _ in range(20)]
+        socks += [raw(port, hello, half_close=True) for _ in range(10)]
+        socks += [raw(port, b"\x16" + os.urandom(5000)) for _ in range(10)]
+        socks += [raw(port, b"\x16\x03\x01\xff\xff" + b"\x01" * 60000) for _ in range(5)]  # a 64 KiB record header
+        for _ in range(5):
+            assert tls_attempt(port, tls_client(srcs["hv1"], maximum_version=ssl.TLSVersion.TLSv1_2)) is None
+        attempts = [tls_attempt(port, tls_client(None)) for _ in range(5)]  # no certificate
+        attempts += [tls_attempt(port, tls_client(srcs["hv9"])) for _ in range(10)]  # pinned, never says HELLO
+        attempts += [tls_attempt(port, tls_client(srcs["hv9"]), then="close_notify") for _ in range(5)]
+        socks += [s for s in attempts if s is not None]
+        peak_fds = fds(pid)
+
+        started = time.monotonic()
+        link = await connect(server, srcs["hv1"], "hv1", timeout=5)
+        await ship(link, 3, b"B")
+        await link.aclose()
+        took = time.monotonic() - started
+        assert took < 3, took
+        assert server.proc.poll() is None
+        peak_rss = rss_kib(pid)
+    finally:
+        for s in socks:
+            s.close()
+    try:
+        wait_for(lambda: fds(pid) <= fd0, f"descriptors: {fds(pid)} after the attack, {fd0} before", timeout=10)
+        lines = server.log().splitlines()[log0:]
+        assert len(lines) <= 20, "\n".join(lines)
+        assert "Traceback" not in server.log()
+        print(f"\nfds {fd0} -> {peak_fds} under attack -> {fds(pid)}; RSS {rss0} -> {peak_rss} KiB; "
+              f"a real source connected and committed in {took:.2f} s; {len(lines)} log lines")
+    finally:
+        assert server.stop() == 0
+
+
+def churn(port: int, hello: bytes, stop: threading.Event, counter: list[int]) -> None:
+    """New connections as fast as the receiver accepts them, each sending a ClientHello and staying open."""
+    held: list[socket.socket] = []
+    while not stop.is_set():
+        try:
+            s = socket.create_connection(("127.0.0.1", port), timeout=2)
+            s.sendall(hello)
+            held.append(s)
+            counter[0] += 1
+        except OSError:
+            time.sleep(0.01)
+        while len(held) > 100:
+            held.pop(0).close()
+    for s in held:
+        s.close()
+
+
+async def test_connection_churn_cannot_keep_a_real_source_out(tmp_path: Path) -> None:
+    """At the connection bound a newcomer takes the place of the oldest
+    connection still in its handshake. An unauthenticated peer that opens
+    connections faster than a real source completes TLS and HELLO evicts that
+    source's connection again and again: the bound only holds slow attackers.
+    A source whose TLS handshake is done has proved a pinned certificate; it
+    must not give its place to anonymous newcomers."""
+    rx, srcs = pki(tmp_path, "hv1")
+    server = start(tmp_path, rx, "--max-connections", "4")
+    stop = threading.Event()
+    counter = [0]
+    threads = [threading.Thread(target=churn, args=(server.port, client_hello(), stop, counter)) for _ in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        await trio.sleep(0.5)
+        started = time.monotonic()
+        ok, tries, errors = False, 0, []
+        while time.monotonic() - started < 10 and not ok:
+            tries += 1
+            try:
+                link = await connect(server, srcs["hv1"], "hv1", timeout=5)
+                await ship(link, 1 + tries, b"C")
+                await link.aclose()
+                ok = True
+            except (LinkError, trio.TooSlowError) as exc:
+                errors.append(str(exc))
+                await trio.sleep(0.2)
+        took = time.monotonic() - started
+        print(f"\n{counter[0]} attacking connections; the source {'committed' if ok else 'failed'} after "
+              f"{tries} tries in {took:.1f} s")
+        assert ok, errors[-3:]
+        assert took < 5, took
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        server.stop()

@@ -104,6 +104,8 @@ class ServerTls:
         self.handshake_timeout = handshake_timeout
         self._context: ssl.SSLContext | None = None
         self._pins_state: tuple | None = None
+        self._names: dict[str, list[str]] = {}  # fingerprint -> the names it is pinned under
+        self._names_state: tuple | None = None
 
     def context(self) -> ssl.SSLContext:
         assert self.dir is not None
@@ -112,17 +114,38 @@ class ServerTls:
             self._context, self._pins_state = self.dir.server_context(), state
         return self._context
 
+    def names_of(self, fp: str) -> list[str]:
+        """The names the certificate ``fp`` is pinned under now (pins read again when they changed)."""
+        assert self.dir is not None
+        state = self.dir.state()
+        if state != self._names_state or self._names_state is None:
+            names: dict[str, list[str]] = {}
+            for pin in self.dir.pins():
+                names.setdefault(pin.fingerprint, []).append(pin.name)
+            self._names, self._names_state = names, state
+        return self._names.get(fp, [])
+
+    def still_pinned(self, name: str, fp: str) -> bool:
+        """Whether an established session's certificate is still pinned under its
+        name: the receiver asks before each request, so `vrfs trust remove`
+        cuts an open session at its next cycle, not only at its next connection."""
+        try:
+            return self.names_of(fp) == [name]
+        except TrustError:
+            return False
+
     async def accept(self, stream: trio.abc.HalfCloseableStream,
-                     peer: str) -> tuple[trio.abc.Stream, str | None] | None:
-        """The authenticated stream and the source name pinned for its certificate
-        (None when insecure), or None when the peer is refused (logged)."""
+                     peer: str) -> tuple[trio.abc.Stream, str | None, str | None] | None:
+        """The authenticated stream, the source name pinned for its certificate
+        and the certificate's fingerprint (both None when insecure), or None
+        when the peer is refused (logged)."""
         with trio.move_on_after(self.handshake_timeout):
             return await self._accept(stream, peer)
         log.warning("%s: refused: no handshake within %g s", peer, self.handshake_timeout)
         return None
 
     async def _accept(self, stream: trio.abc.HalfCloseableStream,
-                      peer: str) -> tuple[trio.abc.Stream, str | None] | None:
+                      peer: str) -> tuple[trio.abc.Stream, str | None, str | None] | None:
         try:
             first = await _socket(stream).recv(1, socket.MSG_PEEK)
         except OSError as exc:
@@ -137,7 +160,7 @@ class ServerTls:
                             "agree)", peer)
                 await _linger(stream)
                 return None
-            return stream, None
+            return stream, None, None
         if not speaks_tls:
             log.warning("%s: refused: plain TCP (a source started with --insecure?); this receiver requires TLS",
                         peer)
@@ -154,12 +177,23 @@ class ServerTls:
             await _linger(stream)
             return None
         fp = fingerprint(tls.getpeercert(binary_form=True) or b"")
-        name = self.dir.name_of(fp)
-        if name is None:  # unpinned between the context's build and now
-            log.warning("%s: refused: certificate %s is no longer pinned", peer, fp)
+        try:
+            names = self.names_of(fp)
+        except TrustError as exc:
+            log.error("%s: refused: %s", peer, exc)
+            names = []
+        if len(names) > 1:
+            log.warning("%s: refused: certificate %s is pinned under several names (%s): one certificate, one "
+                        "name; `vrfs trust remove` all but one", peer, fp, ", ".join(names))
+        elif not names:
+            # OpenSSL took it, so a pinned certificate signed it (site certificates are CAs of themselves,
+            # and a pinned CA signs many): that pins no one but the signer. Or its pin went just now.
+            log.warning("%s: refused: certificate %s is not pinned (signed by a pinned certificate, which pins "
+                        "only itself; or its pin was removed just now)", peer, fp)
+        if len(names) != 1:
             await close(tls)
             return None
-        return tls, name
+        return tls, names[0], fp
 
 
 def _socket(stream: trio.abc.HalfCloseableStream) -> trio.socket.SocketType:

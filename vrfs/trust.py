@@ -280,8 +280,19 @@ class TlsDir:
             raise TrustError(f"no peer named {name!r} is pinned in {self.trusted_path}")
         return pin or Pin(name, "?", None)
 
-    def name_of(self, fp: str) -> str | None:
-        return next((p.name for p in self.pins() if p.fingerprint == fp), None)
+    def names_of(self, fp: str) -> list[str]:
+        """Every name ``fp`` is pinned under. More than one is an operator's
+        slip (a copy made by hand: `add` refuses it) and authenticates no one:
+        a peer's name must not depend on the order of file names."""
+        return [p.name for p in self.pins() if p.fingerprint == fp]
+
+    def conflicts(self) -> list[str]:
+        """The certificates pinned under several names, in words (`vrfs trust list`)."""
+        by_fp: dict[str, list[str]] = {}
+        for p in self.pins():
+            by_fp.setdefault(p.fingerprint, []).append(p.name)
+        return [f"{fp} is pinned under several names ({', '.join(names)}): it is refused under each of them "
+                f"until all but one are removed" for fp, names in by_fp.items() if len(names) > 1]
 
     def state(self) -> tuple:
         """Changes whenever a pin is added, removed or replaced: when to rebuild a context."""
@@ -294,7 +305,10 @@ class TlsDir:
             try:
                 st = e.stat()
             except OSError:  # a dangling symlink must not hide the other entries' changes
-                st = e.stat(follow_symlinks=False)
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
             out.append((e.name, st.st_ino, st.st_mtime_ns, st.st_size))
         return tuple(sorted(out))
 
