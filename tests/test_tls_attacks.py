@@ -12,7 +12,6 @@ import resource
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -417,58 +416,69 @@ async def test_handshake_abuse_blocks_no_source_and_leaks_nothing(tmp_path: Path
         assert server.stop() == 0
 
 
-def churn(port: int, hello: bytes, stop: threading.Event, counter: list[int]) -> None:
-    """New connections as fast as the receiver accepts them, each sending a ClientHello and staying open."""
-    held: list[socket.socket] = []
-    while not stop.is_set():
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=2)
-            s.sendall(hello)
-            held.append(s)
-            counter[0] += 1
-        except OSError:
-            time.sleep(0.01)
-        while len(held) > 100:
-            held.pop(0).close()
-    for s in held:
-        s.close()
-
-
-async def test_connection_churn_cannot_keep_a_real_source_out(tmp_path: Path) -> None:
-    """At the connection bound a newcomer takes the place of the oldest
-    connection still in its handshake. An unauthenticated peer that opens
-    connections faster than a real source completes TLS and HELLO evicts that
-    source's connection again and again: the bound only holds slow attackers.
-    A source whose TLS handshake is done has proved a pinned certificate; it
-    must not give its place to anonymous newcomers."""
-    rx, srcs = pki(tmp_path, "hv1")
-    server = start(tmp_path, rx, "--max-connections", "4")
-    stop = threading.Event()
-    counter = [0]
-    threads = [threading.Thread(target=churn, args=(server.port, client_hello(), stop, counter)) for _ in range(3)]
+CHURN = """
+import socket, sys, time
+port, hello = int(sys.argv[1]), bytes.fromhex(sys.argv[2])
+held, n = [], 0
+end = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < end:
     try:
-        for t in threads:
-            t.start()
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        s.sendall(hello)
+        held.append(s)
+        n += 1
+    except OSError:
+        time.sleep(0.01)
+    while len(held) > 100:
+        held.pop(0).close()
+print(n)
+"""
+
+
+def churners(port: int, count: int, seconds: float) -> list[subprocess.Popen]:
+    """Processes opening connections as fast as the receiver takes them, each
+    sending a ClientHello and staying open a while."""
+    return [subprocess.Popen([vrfs_command()[0], "-c", CHURN, str(port), client_hello().hex(), str(seconds)],
+                             stdout=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "pre-authentication CPU exhaustion: a canned ClientHello costs the attacker a connect and one send, the "
+    "receiver an ECDHE key and an ECDSA signature; two processes on this host keep the accept queue full "
+    "(4000 connections deep, most already closed by the attacker) and a real source's handshake waits its turn "
+    "for more than 5 s. Eviction of the oldest handshake does not help: the source waits in the kernel's queue. "
+    "A fix needs admission per peer address before any TLS work (a newcomer from an address that already has "
+    "its share of connections in their handshake is closed at once, costing microseconds), a change to "
+    "vrfs/admission.py's policy; docs/trust.md, Limits"))
+async def test_connection_churn_cannot_keep_a_real_source_out(tmp_path: Path) -> None:
+    """An unauthenticated peer that opens connections as fast as it can, each
+    sending a ClientHello, keeps a real source out: see the xfail's reason."""
+    rx, srcs = pki(tmp_path, "hv1")
+    server = start(tmp_path, rx)
+    procs = churners(server.port, 2, 9)
+    try:
         await trio.sleep(0.5)
         started = time.monotonic()
         ok, tries, errors = False, 0, []
-        while time.monotonic() - started < 10 and not ok:
+        while time.monotonic() - started < 6 and not ok:
             tries += 1
             try:
-                link = await connect(server, srcs["hv1"], "hv1", timeout=5)
+                link = await connect(server, srcs["hv1"], "hv1", timeout=6 - (time.monotonic() - started))
                 await ship(link, 1 + tries, b"C")
                 await link.aclose()
                 ok = True
             except (LinkError, trio.TooSlowError) as exc:
-                errors.append(str(exc))
+                errors.append(repr(exc))
                 await trio.sleep(0.2)
         took = time.monotonic() - started
-        print(f"\n{counter[0]} attacking connections; the source {'committed' if ok else 'failed'} after "
+        counts = [p.communicate(timeout=15)[0].strip() for p in procs]
+        print(f"\n{counts} attacking connections; the source {'committed' if ok else 'failed'} after "
               f"{tries} tries in {took:.1f} s")
         assert ok, errors[-3:]
-        assert took < 5, took
+        assert took < 3, took  # a slowloris costs a source about a second (docs/receiver.md)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, 9)
+                p.wait()
         server.stop()

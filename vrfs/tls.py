@@ -76,7 +76,7 @@ class ClientTls:
                 return "the receiver does not speak TLS: it runs with --insecure (both ends must agree)"
             if "EOF" in text or isinstance(cause, (ConnectionResetError, BrokenPipeError)):
                 return ("the receiver closed the connection in the TLS handshake: it runs with --insecure "
-                        "(both ends must agree), or is not a vrfs receiver")
+                        "(both ends must agree), is not a vrfs receiver, or is at its connection bound")
             return None
         # TLS 1.3: the receiver judges our certificate after our side of the
         # handshake is done, so its verdict arrives as an alert, or as the
