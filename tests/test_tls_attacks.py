@@ -482,3 +482,63 @@ async def test_connection_churn_cannot_keep_a_real_source_out(tmp_path: Path) ->
                 os.kill(p.pid, 9)
                 p.wait()
         server.stop()
+
+
+# ---------------------------------------------------------------- expiry
+
+def short_lived(tls: TlsDir, name: str, not_before: datetime.datetime, not_after: datetime.datetime) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    tls.write_site(key, make_certificate(key, name, not_before, not_after))
+
+
+async def test_a_receiver_whose_certificate_expires_while_it_runs(tmp_path: Path) -> None:
+    """The receiver's certificate expires while it runs: a source must say
+    so (not "the receiver runs with --insecure"), the receiver must say so
+    once, even when its pins change after the expiry (the context's rebuild
+    then failed at every connection, and each source was told the receiver
+    might be --insecure), and a new key (`keygen --force`) must take effect
+    without a restart. A restart with the expired certificate, or one not yet
+    valid, is refused in one line."""
+    rx, srcs = pki(tmp_path, "hv1")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    short_lived(rx, "dr", now - DAY, now + datetime.timedelta(seconds=3))
+    srcs["hv1"].remove("dr")
+    srcs["hv1"].add("dr", str(rx.cert_path))
+    server = start(tmp_path, rx)
+    try:
+        link = await connect(server, srcs["hv1"], "hv1")
+        await ship(link, 2, b"A")
+        await link.aclose()
+        await trio.sleep(max(0.0, (now + datetime.timedelta(seconds=3.2) - datetime.datetime.now(
+            datetime.timezone.utc)).total_seconds()))
+        with pytest.raises(LinkError, match="receiver's certificate .pinned as dr. expired"):
+            await connect(server, srcs["hv1"], "hv1")
+        # A pin changes after the expiry: the context is rebuilt.
+        other = TlsDir(tmp_path / "tls-hv2")
+        other.keygen("hv2")
+        rx.add("hv2", str(other.cert_path))
+        for _ in range(3):
+            with pytest.raises(LinkError, match="receiver's certificate .pinned as dr. expired"):
+                await connect(server, srcs["hv1"], "hv1")
+        wait_for(lambda: server.log().count("certificate") and "expired" in server.log(), server.log())
+        assert server.log().count("expired on") == 1, server.log()
+        # Renewed at the receiver, pinned again at the source: no restart needed.
+        rx.keygen("dr", force=True)
+        srcs["hv1"].remove("dr")
+        srcs["hv1"].add("dr", str(rx.cert_path))
+        link = await connect(server, srcs["hv1"], "hv1")
+        await ship(link, 3, b"B")
+        await link.aclose()
+    finally:
+        server.stop()
+    for not_before, not_after, words in ((now - 2 * DAY, now - DAY, "expired on"),
+                                         (now + DAY, now + 2 * DAY, "not valid before")):
+        short_lived(rx, "dr", not_before, not_after)
+        r = cli("serve", "--foreground", "--listen", "127.0.0.1:1", "--store", f"dir:{tmp_path / 'x'}",
+                "--tls-dir", str(rx.path))
+        one_line_error(r, words)
+        src = tmp_path / "src"
+        src.mkdir(exist_ok=True)
+        short_lived(srcs["hv1"], "hv1", not_before, not_after)
+        r = cli("mount", str(src), "--peer", "127.0.0.1:1", "--tls-dir", str(srcs["hv1"].path))
+        one_line_error(r, words)

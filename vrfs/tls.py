@@ -10,14 +10,19 @@ in one log line instead of surfacing as a garbled frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
+from cryptography import x509
 
-from vrfs.trust import TlsDir, TrustError, fingerprint
+from vrfs import admission
+
+from vrfs.trust import TlsDir, TrustError, check_validity, fingerprint
 from vrfs.wire import ProtocolError
 
 log = logging.getLogger("vrfs.tls")
@@ -106,13 +111,35 @@ class ServerTls:
         self._pins_state: tuple | None = None
         self._names: dict[str, list[str]] = {}  # fingerprint -> the names it is pinned under
         self._names_state: tuple | None = None
+        self._site: x509.Certificate | None = None  # the certificate the context presents
+        self._out_of_date: str | None = None  # why it is, once logged
 
     def context(self) -> ssl.SSLContext:
+        """Rebuilt when the pins change, or the site's key (`vrfs keygen --force`:
+        no restart needed). An expired certificate of our own is still
+        presented, so that each source can say precisely why it refuses us; we
+        say it once here."""
         assert self.dir is not None
-        state = self.dir.state()
+        state = (self.dir.state(), self.dir.site_state())
         if self._context is None or state != self._pins_state:
-            self._context, self._pins_state = self.dir.server_context(), state
+            self._context = self.dir.server_context(check_dates=False)
+            self._site = self.dir.site_certificate()
+            self._pins_state = state
+        self._check_dates()
         return self._context
+
+    def _check_dates(self) -> None:
+        assert self.dir is not None and self._site is not None
+        try:
+            check_validity(self._site, f"this receiver's certificate {self.dir.cert_path}")
+        except TrustError as exc:
+            if str(exc) != self._out_of_date:
+                self._out_of_date = str(exc)
+                with _unfiltered():
+                    log.error("%s: every source refuses it; `vrfs keygen --force --tls-dir %s`, and pin the new "
+                              "certificate at every source", exc, self.dir.path)
+        else:
+            self._out_of_date = None
 
     def names_of(self, fp: str) -> list[str]:
         """The names the certificate ``fp`` is pinned under now (pins read again when they changed)."""
@@ -194,6 +221,17 @@ class ServerTls:
             await close(tls)
             return None
         return tls, names[0], fp
+
+
+@contextlib.contextmanager
+def _unfiltered() -> Iterator[None]:
+    """A line about the receiver itself, not about the connection that found it
+    out: not counted among the rate-limited lines of unestablished connections."""
+    token = admission.current_slot.set(None)
+    try:
+        yield
+    finally:
+        admission.current_slot.reset(token)
 
 
 def _socket(stream: trio.abc.HalfCloseableStream) -> trio.socket.SocketType:

@@ -209,13 +209,14 @@ class TlsDir:
     def site_fingerprint(self) -> str:
         return fingerprint(self.site_certificate().public_bytes(serialization.Encoding.DER))
 
-    def require_site_key(self) -> x509.Certificate:
+    def require_site_key(self, check_dates: bool = True) -> x509.Certificate:
         """The site's certificate, checked usable: present, readable, in date, with its key."""
         cert = self.site_certificate()
         if not self.key_path.exists():
             raise TrustError(f"{self.key_path} is missing (the certificate is there): run `vrfs keygen --force "
                              f"--tls-dir {self.path}` and pin the new certificate at every peer")
-        check_validity(cert, f"this site's certificate {self.cert_path}")
+        if check_dates:
+            check_validity(cert, f"this site's certificate {self.cert_path}")
         return cert
 
     # ------------------------------------------------------------ pins
@@ -350,8 +351,22 @@ class TlsDir:
 
     # ------------------------------------------------------------ contexts
 
-    def _context(self, purpose: int) -> ssl.SSLContext:
-        self.require_site_key()
+    def site_state(self) -> tuple:
+        """Changes when the site's key or certificate is replaced (`vrfs keygen --force`)."""
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.key_path, self.cert_path):
+            try:
+                st = path.stat()
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _context(self, purpose: int, check_dates: bool = True) -> ssl.SSLContext:
+        if check_dates:
+            self.require_site_key()
+        else:
+            self.require_site_key(check_dates=False)
         ctx = ssl.SSLContext(purpose)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
@@ -368,16 +383,19 @@ class TlsDir:
         ctx.verify_mode = ssl.CERT_NONE  # verified by pin, not by a CA: see check_receiver
         return ctx
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, check_dates: bool = True) -> ssl.SSLContext:
         """The receiver's side: a client certificate is required, and OpenSSL
         accepts only the pinned ones (in date). A fingerprint pin cannot
         authenticate a source: OpenSSL needs the certificate itself."""
-        ctx = self._context(ssl.PROTOCOL_TLS_SERVER)
+        ctx = self._context(ssl.PROTOCOL_TLS_SERVER, check_dates)
         ctx.verify_mode = ssl.CERT_REQUIRED
         certs = [p.certificate.public_bytes(serialization.Encoding.PEM).decode()
                  for p in self.pins() if p.certificate is not None]
         if certs:
-            ctx.load_verify_locations(cadata="".join(certs))
+            try:
+                ctx.load_verify_locations(cadata="".join(certs))
+            except ssl.SSLError as exc:
+                raise TrustError(f"cannot load the pins of {self.trusted_path}: {exc}") from None
         return ctx
 
     def check_receiver(self, der: bytes | None) -> Pin:
