@@ -57,7 +57,7 @@ KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 15, 4
 QUIET_WINDOW = 60.0
 QUIET_LINES = 10  # log lines per window for connections still in their handshake
 
-_current: ContextVar[Slot | None] = ContextVar("vrfs_admission_slot", default=None)
+current_slot: ContextVar[Slot | None] = ContextVar("vrfs_admission_slot", default=None)
 _configured: int | None = None  # `vrfs serve --max-connections`
 
 
@@ -71,7 +71,7 @@ def established() -> None:
     """The current connection completed its handshake (the receiver calls this
     once HELLO is accepted): it is no longer evicted for a newcomer, and its
     log lines are no longer rate limited. A no-op outside an admitted connection."""
-    slot = _current.get()
+    slot = current_slot.get()
     if slot is not None:
         slot.established = True
 
@@ -203,7 +203,7 @@ class _QuietUntilEstablished(logging.Filter):
         self.dropped = 0
 
     def filter(self, record: logging.LogRecord) -> bool:
-        slot = _current.get()
+        slot = current_slot.get()
         if slot is None or slot.established:
             return True
         self.roll()
@@ -295,7 +295,7 @@ async def _accept_loop(listener: trio.SocketListener, handler: Callable[[Admitte
 async def _serve_one(handler: Callable[[AdmittedStream], Awaitable[object]], stream: AdmittedStream,
                      gate: Gate) -> None:
     slot = stream.slot
-    _current.set(slot)  # this task's own context: the receiver's established() and log lines see it
+    current_slot.set(slot)  # this task's own context: the receiver's established() and log lines see it
     try:
         with slot.scope:
             await handler(stream)

@@ -116,15 +116,17 @@ class Receiver:
                 log.error("pruning the points of %s/%s failed: %s", source, group, exc)
 
     async def handle(self, stream: trio.abc.Stream, *, peer: str | None = None,
-                     certified: str | None = None) -> None:
+                     certified: str | None = None, pinned: Callable[[], bool] | None = None) -> None:
         """Serve one connection until it ends. Never raises (except cancellation).
 
         ``certified`` is the source name pinned for the peer's certificate
-        (vrfs/tls.py); None only on a receiver that runs with --insecure."""
+        (vrfs/tls.py); None only on a receiver that runs with --insecure.
+        ``pinned`` says whether that pin still stands: asked before each
+        request, so a removed pin ends an open session at its next request."""
         peer = peer or peer_name(stream)
         frames = FrameStream(stream, self.limiter)
         try:
-            await self._session(frames, peer, certified)
+            await self._session(frames, peer, certified, pinned)
         except ProtocolError as exc:
             log.warning("%s: refused: %s; closing connection", peer, exc)
             await _send_error(frames, str(exc))
@@ -142,7 +144,8 @@ class Receiver:
         finally:
             await close(stream)
 
-    async def _session(self, frames: FrameStream, peer: str, certified: str | None) -> None:
+    async def _session(self, frames: FrameStream, peer: str, certified: str | None,
+                       pinned: Callable[[], bool] | None = None) -> None:
         with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
             hello = decode_control((await frames.receive_expect(MsgType.HELLO)).payload)
         if scope.cancelled_caught:
@@ -164,6 +167,9 @@ class Receiver:
             if frame is None:
                 log.info("%s: source %r disconnected", peer, source)
                 return
+            if pinned is not None and not pinned():
+                raise ProtocolError(f"the certificate of source {source!r} is no longer pinned here (its pin was "
+                                    "removed or replaced): session closed")
             if frame.type == MsgType.HASHES_REQ:
                 await self._serve_hashes(frames, source, decode_control(frame.payload))
             elif frame.type == MsgType.CYCLE_BEGIN:

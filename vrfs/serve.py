@@ -119,7 +119,9 @@ async def _serve(store: Store, host: str, port: int, tls: ServerTls, ready: Call
             if accepted is None:  # refused (logged), or cancelled
                 await close(stream)
         if accepted is not None:
-            await receiver.handle(accepted[0], peer=peer, certified=accepted[1])
+            stream_, name, fp = accepted
+            pinned = None if name is None or fp is None else (lambda: tls.still_pinned(name, fp))
+            await receiver.handle(stream_, peer=peer, certified=name, pinned=pinned)
 
     await receiver.recover()
     try:

@@ -10,14 +10,19 @@ in one log line instead of surfacing as a garbled frame.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
+from cryptography import x509
 
-from vrfs.trust import TlsDir, TrustError, fingerprint
+from vrfs import admission
+
+from vrfs.trust import TlsDir, TrustError, check_validity, fingerprint
 from vrfs.wire import ProtocolError
 
 log = logging.getLogger("vrfs.tls")
@@ -76,7 +81,7 @@ class ClientTls:
                 return "the receiver does not speak TLS: it runs with --insecure (both ends must agree)"
             if "EOF" in text or isinstance(cause, (ConnectionResetError, BrokenPipeError)):
                 return ("the receiver closed the connection in the TLS handshake: it runs with --insecure "
-                        "(both ends must agree), or is not a vrfs receiver")
+                        "(both ends must agree), is not a vrfs receiver, or is at its connection bound")
             return None
         # TLS 1.3: the receiver judges our certificate after our side of the
         # handshake is done, so its verdict arrives as an alert, or as the
@@ -104,25 +109,70 @@ class ServerTls:
         self.handshake_timeout = handshake_timeout
         self._context: ssl.SSLContext | None = None
         self._pins_state: tuple | None = None
+        self._names: dict[str, list[str]] = {}  # fingerprint -> the names it is pinned under
+        self._names_state: tuple | None = None
+        self._site: x509.Certificate | None = None  # the certificate the context presents
+        self._out_of_date: str | None = None  # why it is, once logged
 
     def context(self) -> ssl.SSLContext:
+        """Rebuilt when the pins change, or the site's key (`vrfs keygen --force`:
+        no restart needed). An expired certificate of our own is still
+        presented, so that each source can say precisely why it refuses us; we
+        say it once here."""
         assert self.dir is not None
-        state = self.dir.state()
+        state = (self.dir.state(), self.dir.site_state())
         if self._context is None or state != self._pins_state:
-            self._context, self._pins_state = self.dir.server_context(), state
+            self._context = self.dir.server_context(check_dates=False)
+            self._site = self.dir.site_certificate()
+            self._pins_state = state
+        self._check_dates()
         return self._context
 
+    def _check_dates(self) -> None:
+        assert self.dir is not None and self._site is not None
+        try:
+            check_validity(self._site, f"this receiver's certificate {self.dir.cert_path}")
+        except TrustError as exc:
+            if str(exc) != self._out_of_date:
+                self._out_of_date = str(exc)
+                with _unfiltered():
+                    log.error("%s: every source refuses it; `vrfs keygen --force --tls-dir %s`, and pin the new "
+                              "certificate at every source", exc, self.dir.path)
+        else:
+            self._out_of_date = None
+
+    def names_of(self, fp: str) -> list[str]:
+        """The names the certificate ``fp`` is pinned under now (pins read again when they changed)."""
+        assert self.dir is not None
+        state = self.dir.state()
+        if state != self._names_state or self._names_state is None:
+            names: dict[str, list[str]] = {}
+            for pin in self.dir.pins():
+                names.setdefault(pin.fingerprint, []).append(pin.name)
+            self._names, self._names_state = names, state
+        return self._names.get(fp, [])
+
+    def still_pinned(self, name: str, fp: str) -> bool:
+        """Whether an established session's certificate is still pinned under its
+        name: the receiver asks before each request, so `vrfs trust remove`
+        cuts an open session at its next cycle, not only at its next connection."""
+        try:
+            return self.names_of(fp) == [name]
+        except TrustError:
+            return False
+
     async def accept(self, stream: trio.abc.HalfCloseableStream,
-                     peer: str) -> tuple[trio.abc.Stream, str | None] | None:
-        """The authenticated stream and the source name pinned for its certificate
-        (None when insecure), or None when the peer is refused (logged)."""
+                     peer: str) -> tuple[trio.abc.Stream, str | None, str | None] | None:
+        """The authenticated stream, the source name pinned for its certificate
+        and the certificate's fingerprint (both None when insecure), or None
+        when the peer is refused (logged)."""
         with trio.move_on_after(self.handshake_timeout):
             return await self._accept(stream, peer)
         log.warning("%s: refused: no handshake within %g s", peer, self.handshake_timeout)
         return None
 
     async def _accept(self, stream: trio.abc.HalfCloseableStream,
-                      peer: str) -> tuple[trio.abc.Stream, str | None] | None:
+                      peer: str) -> tuple[trio.abc.Stream, str | None, str | None] | None:
         try:
             first = await _socket(stream).recv(1, socket.MSG_PEEK)
         except OSError as exc:
@@ -137,7 +187,7 @@ class ServerTls:
                             "agree)", peer)
                 await _linger(stream)
                 return None
-            return stream, None
+            return stream, None, None
         if not speaks_tls:
             log.warning("%s: refused: plain TCP (a source started with --insecure?); this receiver requires TLS",
                         peer)
@@ -154,12 +204,34 @@ class ServerTls:
             await _linger(stream)
             return None
         fp = fingerprint(tls.getpeercert(binary_form=True) or b"")
-        name = self.dir.name_of(fp)
-        if name is None:  # unpinned between the context's build and now
-            log.warning("%s: refused: certificate %s is no longer pinned", peer, fp)
+        try:
+            names = self.names_of(fp)
+        except TrustError as exc:
+            log.error("%s: refused: %s", peer, exc)
+            names = []
+        if len(names) > 1:
+            log.warning("%s: refused: certificate %s is pinned under several names (%s): one certificate, one "
+                        "name; `vrfs trust remove` all but one", peer, fp, ", ".join(names))
+        elif not names:
+            # OpenSSL took it, so a pinned certificate signed it (site certificates are CAs of themselves,
+            # and a pinned CA signs many): that pins no one but the signer. Or its pin went just now.
+            log.warning("%s: refused: certificate %s is not pinned (signed by a pinned certificate, which pins "
+                        "only itself; or its pin was removed just now)", peer, fp)
+        if len(names) != 1:
             await close(tls)
             return None
-        return tls, name
+        return tls, names[0], fp
+
+
+@contextlib.contextmanager
+def _unfiltered() -> Iterator[None]:
+    """A line about the receiver itself, not about the connection that found it
+    out: not counted among the rate-limited lines of unestablished connections."""
+    token = admission.current_slot.set(None)
+    try:
+        yield
+    finally:
+        admission.current_slot.reset(token)
 
 
 def _socket(stream: trio.abc.HalfCloseableStream) -> trio.socket.SocketType:

@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,8 @@ CERT_SUFFIX = ".crt"
 FINGERPRINT_SUFFIX = ".fp"
 DEFAULT_DAYS = 3650
 MAX_NAME = 255
+MAX_PIN_BYTES = 64 << 10  # a certificate is about 600 bytes; /dev/zero is endless
+MAX_COMMON_NAME = 64  # X.509's upper bound; the name a peer is pinned under is what counts
 
 _FINGERPRINT = re.compile(r"^(?:sha256:)?((?:[0-9a-f]{2}:?){31}[0-9a-f]{2})$")
 
@@ -66,7 +69,11 @@ def parse_fingerprint(text: str) -> str | None:
 
 def check_pin_name(name: str) -> str:
     """A pinned name is a source name at the receiver: one safe path component."""
-    if (not name or len(name.encode(errors="surrogateescape")) > MAX_NAME or name in (".", "..")
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # bytes of another encoding on the command line: not a name a HELLO can carry
+        encoded = b""
+    if (not encoded or len(encoded) > MAX_NAME or name in (".", "..")
             or name.startswith(".") or any(c in name for c in "/\0\n\r\t") or name != name.strip()):
         raise TrustError(f"bad name {name!r}: one word, as the source names itself with `vrfs mount --name`")
     return name
@@ -85,8 +92,35 @@ class Pin:
         return self.certificate.not_valid_after_utc if self.certificate is not None else None
 
 
+def read_small(path: Path, regular_only: bool) -> bytes:
+    """A certificate or fingerprint file, read without hanging or filling
+    memory: at most MAX_PIN_BYTES; with ``regular_only`` (the pins in
+    trusted/, read at every connection) a FIFO, a device or a directory is
+    refused without being read. Raises OSError or TrustError."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if regular_only else 0)
+    fd = os.open(path, flags)
+    try:
+        if regular_only and not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise TrustError(f"{path}: not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_PIN_BYTES:
+            chunk = os.read(fd, MAX_PIN_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_PIN_BYTES:
+        raise TrustError(f"{path} is not a certificate: more than {MAX_PIN_BYTES} bytes")
+    return b"".join(chunks)
+
+
 def load_certificate(data: bytes, what: str) -> x509.Certificate:
-    """A certificate from PEM or DER bytes."""
+    """A certificate from PEM or DER bytes: exactly one (a pin names one peer)."""
+    count = data.count(b"-----BEGIN CERTIFICATE-----")
+    if count > 1:
+        raise TrustError(f"{what} holds {count} certificates: a pin is one certificate, its peer's own")
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
@@ -106,7 +140,7 @@ def check_validity(cert: x509.Certificate, what: str, now: datetime.datetime | N
 def make_certificate(key: ec.EllipticCurvePrivateKey, name: str, not_before: datetime.datetime,
                      not_after: datetime.datetime) -> x509.Certificate:
     """A self-signed certificate for both ends of a link (server and client auth)."""
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:MAX_COMMON_NAME]),
                          x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vrfs site")])
     return (x509.CertificateBuilder()
             .subject_name(subject).issuer_name(subject)
@@ -175,13 +209,14 @@ class TlsDir:
     def site_fingerprint(self) -> str:
         return fingerprint(self.site_certificate().public_bytes(serialization.Encoding.DER))
 
-    def require_site_key(self) -> x509.Certificate:
+    def require_site_key(self, check_dates: bool = True) -> x509.Certificate:
         """The site's certificate, checked usable: present, readable, in date, with its key."""
         cert = self.site_certificate()
         if not self.key_path.exists():
             raise TrustError(f"{self.key_path} is missing (the certificate is there): run `vrfs keygen --force "
                              f"--tls-dir {self.path}` and pin the new certificate at every peer")
-        check_validity(cert, f"this site's certificate {self.cert_path}")
+        if check_dates:
+            check_validity(cert, f"this site's certificate {self.cert_path}")
         return cert
 
     # ------------------------------------------------------------ pins
@@ -203,7 +238,7 @@ class TlsDir:
         if fp is None:
             path = Path(cert_or_fingerprint)
             try:
-                data = path.read_bytes()
+                data = read_small(path, regular_only=False)  # a pipe is fine: `vrfs trust add dr <(ssh dr cat ...)`
             except FileNotFoundError:
                 raise TrustError(f"{cert_or_fingerprint!r} is neither a certificate file nor a fingerprint "
                                  "(sha256: and 64 hex digits, as `vrfs keygen` prints it)") from None
@@ -231,6 +266,7 @@ class TlsDir:
         return Pin(name, fp, cert)
 
     def remove(self, name: str) -> Pin:
+        check_pin_name(name)  # "../site" would be the site's own certificate
         pin = self.pin(name)
         found = False
         for suffix in (CERT_SUFFIX, FINGERPRINT_SUFFIX):
@@ -245,16 +281,37 @@ class TlsDir:
             raise TrustError(f"no peer named {name!r} is pinned in {self.trusted_path}")
         return pin or Pin(name, "?", None)
 
-    def name_of(self, fp: str) -> str | None:
-        return next((p.name for p in self.pins() if p.fingerprint == fp), None)
+    def names_of(self, fp: str) -> list[str]:
+        """Every name ``fp`` is pinned under. More than one is an operator's
+        slip (a copy made by hand: `add` refuses it) and authenticates no one:
+        a peer's name must not depend on the order of file names."""
+        return [p.name for p in self.pins() if p.fingerprint == fp]
+
+    def conflicts(self) -> list[str]:
+        """The certificates pinned under several names, in words (`vrfs trust list`)."""
+        by_fp: dict[str, list[str]] = {}
+        for p in self.pins():
+            by_fp.setdefault(p.fingerprint, []).append(p.name)
+        return [f"{fp} is pinned under several names ({', '.join(names)}): it is refused under each of them "
+                f"until all but one are removed" for fp, names in by_fp.items() if len(names) > 1]
 
     def state(self) -> tuple:
         """Changes whenever a pin is added, removed or replaced: when to rebuild a context."""
         try:
-            entries = os.scandir(self.trusted_path)
-            return tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in entries))
+            entries = list(os.scandir(self.trusted_path))
         except OSError:
             return ()
+        out = []
+        for e in entries:
+            try:
+                st = e.stat()
+            except OSError:  # a dangling symlink must not hide the other entries' changes
+                try:
+                    st = e.stat(follow_symlinks=False)
+                except OSError:
+                    continue  # gone meanwhile
+            out.append((e.name, st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(sorted(out))
 
     def _pin_files(self) -> list[Path]:
         try:
@@ -269,9 +326,11 @@ class TlsDir:
     def _load_pin(self, path: Path) -> Pin | str:
         name = path.name.rsplit(".", 1)[0]
         try:
-            data = path.read_bytes()
+            data = read_small(path, regular_only=True)
         except OSError as exc:
             return f"{path}: {exc.strerror}"
+        except TrustError as exc:
+            return str(exc)
         if path.name.endswith(FINGERPRINT_SUFFIX):
             if (path.parent / (name + CERT_SUFFIX)).exists():
                 return "superseded"
@@ -292,8 +351,22 @@ class TlsDir:
 
     # ------------------------------------------------------------ contexts
 
-    def _context(self, purpose: int) -> ssl.SSLContext:
-        self.require_site_key()
+    def site_state(self) -> tuple:
+        """Changes when the site's key or certificate is replaced (`vrfs keygen --force`)."""
+        out: list[tuple[int, int, int] | None] = []
+        for path in (self.key_path, self.cert_path):
+            try:
+                st = path.stat()
+                out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def _context(self, purpose: int, check_dates: bool = True) -> ssl.SSLContext:
+        if check_dates:
+            self.require_site_key()
+        else:
+            self.require_site_key(check_dates=False)
         ctx = ssl.SSLContext(purpose)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         try:
@@ -310,16 +383,19 @@ class TlsDir:
         ctx.verify_mode = ssl.CERT_NONE  # verified by pin, not by a CA: see check_receiver
         return ctx
 
-    def server_context(self) -> ssl.SSLContext:
+    def server_context(self, check_dates: bool = True) -> ssl.SSLContext:
         """The receiver's side: a client certificate is required, and OpenSSL
         accepts only the pinned ones (in date). A fingerprint pin cannot
         authenticate a source: OpenSSL needs the certificate itself."""
-        ctx = self._context(ssl.PROTOCOL_TLS_SERVER)
+        ctx = self._context(ssl.PROTOCOL_TLS_SERVER, check_dates)
         ctx.verify_mode = ssl.CERT_REQUIRED
         certs = [p.certificate.public_bytes(serialization.Encoding.PEM).decode()
                  for p in self.pins() if p.certificate is not None]
         if certs:
-            ctx.load_verify_locations(cadata="".join(certs))
+            try:
+                ctx.load_verify_locations(cadata="".join(certs))
+            except ssl.SSLError as exc:
+                raise TrustError(f"cannot load the pins of {self.trusted_path}: {exc}") from None
         return ctx
 
     def check_receiver(self, der: bytes | None) -> Pin:

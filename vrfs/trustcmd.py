@@ -47,7 +47,7 @@ def trust_main(args: Any) -> int:
 
 def _list(tls_dir: TlsDir, as_json: bool) -> int:
     pins = tls_dir.pins()
-    broken = [b for b in tls_dir.broken_pins() if b != "superseded"]
+    broken = [b for b in tls_dir.broken_pins() if b != "superseded"] + tls_dir.conflicts()
     if as_json:
         print(json.dumps([{"name": p.name, "fingerprint": p.fingerprint, "certificate": p.certificate is not None,
                            "not_after": p.not_after.isoformat() if p.not_after else None} for p in pins], indent=2))
