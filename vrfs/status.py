@@ -56,6 +56,9 @@ def status_main(args) -> int:
         link = status.get("link") if status["connected"] else None
         print(f"replicating as {status['name']} to {status['peer']} "
               f"({'connected, ' + link if link else 'connected' if status['connected'] else 'not connected'})")
+        if status.get("bwlimit"):
+            bw = status["bwlimit"]
+            print(f"    bandwidth limit {bw['schedule']}: now {bw['rate']}")
         if status.get("insecure") and not link:
             print("    INSECURE: plain TCP (--insecure): anyone on the path can read and write the replicas")
     print(f"{'PATH':<36} {'SIZE':>8} {'DIRTY':>8} {'STATE':<16} {'LAG':>7} {'POINT':>6}  CUT")
