@@ -249,8 +249,9 @@ class TokenBucket:
             return
         self._refill(rate)
         self._tokens -= n
-        while self._tokens < 0:
-            await trio.sleep(min(-self._tokens / rate, MAX_SLEEP, max(0.001, self._valid_until - self._clock())))
+        while self._tokens < -1:  # a byte's rounding is no debt
+            wait = min(-self._tokens / rate, MAX_SLEEP, self._valid_until - self._clock())
+            await trio.sleep(max(0.0005, wait))
             new = self.rate()
             if new is None:
                 self._tokens = 0.0
