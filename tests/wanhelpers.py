@@ -121,6 +121,13 @@ class Wan:
         """Bytes sent from this namespace into the link (Ethernet frames, as `ip -s link` counts)."""
         return int(Path(f"/sys/class/net/{self.here}/statistics/tx_bytes").read_text())
 
+    def rx_bytes(self) -> int:
+        """Bytes that came back over the link (answers, rsync's checksums, ACKs)."""
+        return int(Path(f"/sys/class/net/{self.here}/statistics/rx_bytes").read_text())
+
+    def both(self) -> int:
+        return self.tx_bytes() + self.rx_bytes()
+
 
 class Sampler:
     """tx_bytes of a Wan every `interval` seconds in a thread, as (monotonic time, bytes)."""
