@@ -110,6 +110,7 @@ class Site:
         self.peer_host: str | None = None  # where the mount connects; None: the server's listen address
         self.rpo = RPO
         self.mount_env: dict[str, str] | None = None  # more environment for the mount's daemon
+        self.mount_args: tuple[str, ...] = ()  # more options of vrfs mount
 
     def serve(self) -> "Site":
         self.server.start()
@@ -118,7 +119,8 @@ class Site:
     def start_mount(self) -> "Site":
         host = self.peer_host or self.server.host
         self.mount = self._factory(self.src, self.mnt, "--peer", f"{host}:{self.server.port}",
-                                   "--name", NAME, "--rpo", self.rpo, env=self.mount_env)
+                                   "--name", NAME, "--rpo", self.rpo, *self.mount_args,
+                                   env=self.mount_env)
         return self
 
     def replica(self, path: str) -> Path:

@@ -91,3 +91,26 @@ def test_bench_recovery_quick(tmp_path: Path) -> None:
     assert len(data["test_failover"]) == 2
     assert _mounts() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.wan
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("rsync") is None or shutil.which("tc") is None
+                    or not os.path.exists("/dev/fuse"), reason="needs root, tc, rsync and /dev/fuse")
+def test_bench_wan_quick(tmp_path: Path) -> None:
+    before = _mounts()
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(REPO / "scripts" / "bench-wan"), "--quick", "--dir", str(tmp_path),
+                             "--json", str(out)], capture_output=True, text=True, timeout=280, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert "rsync wire" in result.stdout and "200Mbit" in result.stdout
+    data = json.loads(out.read_text())
+    [row] = data["rows"]
+    assert row["initial_utilisation"] > 0.5 and row["vrfs_change_wire"] > row["change_bytes"] * 0.9
+    assert row["vrfs_change_lag"] <= data["rpo_seconds"] + 5 and row["rsync_change_wire"] > 0
+    # Everything it made is gone: mounts, namespaces, the temporary directory.
+    assert _mounts() == before
+    assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == namespaces
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]

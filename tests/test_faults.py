@@ -50,6 +50,7 @@ import xxhash
 from mounthelpers import is_mounted, vrfs
 from servehelpers import losetup, losetup_detach
 from sitehelpers import NAME, Site, run, tree
+from wanhelpers import netns
 from vrfs.errors import UserError
 from vrfs.statefile import CorruptStateFile, DiskState
 from vrfs.status import mount_status
@@ -488,33 +489,10 @@ def test_kill9_either_side_long(tmp_path, mount_factory, stack):
 
 # ------------------------------------------------------- network partition
 
-def netns(stack, tag: str) -> tuple[str, str, str, str]:
-    """A network namespace with a veth pair to it, 10.200.X.1 here and
-    10.200.X.2 there (a /30); removed in cleanup. Returns (namespace, host
-    side link, our address, its address)."""
-    n = (os.getpid() + random.SystemRandom().randrange(1000)) % 250 + 1
-    name, here, there = f"vrfsf{n}{tag}", f"vrf{n}{tag}a", f"vrf{n}{tag}b"
-    ours, theirs = f"10.200.{n}.1", f"10.200.{n}.2"
-
-    def remove() -> None:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        subprocess.run(["ip", "link", "del", here], capture_output=True)
-    stack.callback(remove)
-    run("ip", "netns", "add", name)
-    run("ip", "link", "add", here, "type", "veth", "peer", "name", there)
-    run("ip", "link", "set", there, "netns", name)
-    run("ip", "addr", "add", f"{ours}/30", "dev", here)
-    run("ip", "link", "set", here, "up")
-    run("ip", "netns", "exec", name, "ip", "addr", "add", f"{theirs}/30", "dev", there)
-    run("ip", "netns", "exec", name, "ip", "link", "set", there, "up")
-    run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
-    return name, here, ours, theirs
-
-
 def partition_run(tmp_path, mount_factory, stack, rounds: int, cut_seconds: tuple[float, float]) -> None:
     seed = SEED + 1
     rng = random.Random(seed)
-    ns, link, _, theirs = netns(stack, "p")
+    ns, link, _, theirs = netns(stack, "p", net=200)
 
     def in_netns(site: Site) -> None:
         site.server.netns, site.server.host = ns, theirs

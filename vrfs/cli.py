@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="zstd level for shipped blocks, 1-19 (default: 1)")
     m.add_argument("--congestion", choices=("cubic", "bbr", "reno"), default="cubic",
                    help="TCP congestion control of the link (default: cubic; bbr suits long fat links)")
+    m.add_argument("--bwlimit", metavar="RATE|SCHEDULE",
+                   help="limit what the link to the DR site sends, TLS and TCP/IP headers included, e.g. "
+                        "50Mbit (50 million bits per second) or 6MB/s (6 million bytes per second), or by "
+                        "local time of day, e.g. \"08:00-18:00=50Mbit,*=0\" (ranges HH:MM-HH:MM may wrap "
+                        "midnight; * is the rest of the day; 0 means no limit). Units are powers of 1000 "
+                        "and required (default: no limit; see docs/wan.md)")
     m.add_argument("--force", action="store_true",
                    help="mount even though other processes hold files of SOURCE open for writing "
                         "(a VM started before the mount); their writes will not be tracked and "

@@ -8,8 +8,10 @@ unusable and the caller connects again. Calls on one link are serialized.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field as dc_field
 
@@ -18,6 +20,7 @@ import xxhash
 
 from vrfs import __version__
 from vrfs.bitmap import Bitmap
+from vrfs.bwlimit import RateLimitedStream, TokenBucket
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.tls import Authenticated, ClientTls, close
 from vrfs.trust import TrustError
@@ -44,7 +47,19 @@ from vrfs.wire import (
 
 BATCH_TARGET = 2 << 20  # raw bytes per batch; stays below wire.MAX_BATCH_RAW with one more block
 PIPELINE_DEPTH = 8  # batches compressed or queued ahead of the socket
+# Socket buffers hold the bandwidth-delay product (docs/wan.md): the rate
+# (--bwlimit's peak, else UNLIMITED_RATE) times DESIGN_RTT, within
+# [SOCKET_BUFFER, MAX_SOCKET_BUFFER]; VRFS_SOCKET_BUFFER (bytes) overrides.
+# As root SO_SNDBUFFORCE/SO_RCVBUFFORCE pass net.core.wmem_max/rmem_max.
 SOCKET_BUFFER = 4 << 20
+MAX_SOCKET_BUFFER = 64 << 20
+DESIGN_RTT = 0.25  # seconds: links up to this round trip stay full
+UNLIMITED_RATE = 125e6  # bytes per second assumed without a limit: 1 Gbit/s
+# Unsent bytes the kernel queues ahead of the wire: the buffer above is for
+# data in flight, not a queue that would hide the link's pace from the sender.
+NOTSENT_LOWAT = 2 << 20
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux; not in Python's socket module
+TCP_NOTSENT_LOWAT = 25
 CONNECT_TIMEOUT = 30.0
 REPLY_TIMEOUT = 600.0  # the receiver applies a whole cycle before it answers
 # A link that goes silent (a network partition, a peer host gone without a
@@ -89,13 +104,43 @@ class Hashes:
     dirty: Bitmap | None = None
 
 
-def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
-    """Best effort: large buffers for long fat links, the chosen congestion control, keepalive."""
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+log = logging.getLogger("vrfs.link")
+
+
+def buffer_for(rate: float | None) -> int:
+    """Socket buffer bytes for a link of ``rate`` bytes per second (None: unknown)."""
+    override = os.environ.get("VRFS_SOCKET_BUFFER")
+    if override:
+        return max(4096, int(override))
+    return int(min(MAX_SOCKET_BUFFER, max(SOCKET_BUFFER, (rate or UNLIMITED_RATE) * DESIGN_RTT)))
+
+
+def _set_buffer(sock: trio.socket.SocketType, opt: int, force: int, size: int) -> int:
+    """Set a buffer, past the sysctl cap where allowed; returns what the kernel
+    granted (getsockopt reports twice the usable size: it counts its bookkeeping)."""
+    for o in (force, opt):
         try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, o, size)
+            break
         except OSError:
-            pass
+            continue
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, opt) // 2
+    except OSError:
+        return 0
+
+
+def tune_socket(sock: trio.socket.SocketType, congestion: str | None,
+                buffer: int | None = None) -> tuple[int, int]:
+    """Best effort: buffers for the bandwidth-delay product, the chosen
+    congestion control, keepalive. Returns the (send, receive) buffer sizes granted."""
+    size = buffer or buffer_for(None)
+    granted = (_set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, size),
+               _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     except OSError:
@@ -113,23 +158,34 @@ def tune_socket(sock: trio.socket.SocketType, congestion: str | None) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, congestion.encode())
         except OSError:
             pass
+    return granted
 
 
-async def _open_socket(host: str, port: int, congestion: str | None) -> trio.SocketStream:
+def rtt_of(sock: trio.socket.SocketType) -> float | None:
+    """The connection's smoothed round-trip time (TCP_INFO tcpi_rtt), seconds."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        return struct.unpack_from("I", info, 68)[0] / 1e6
+    except (OSError, struct.error, AttributeError):
+        return None
+
+
+async def _open_socket(host: str, port: int, congestion: str | None,
+                       buffer: int | None = None) -> tuple[trio.SocketStream, int]:
     # The socket is built by hand so its buffers are sized before the SYN
     # (the window scale is fixed at connection setup).
     infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     last: OSError | None = None
     for family, type_, proto, _, addr in infos:
         sock = trio.socket.socket(family, type_, proto)
-        tune_socket(sock, congestion)
+        granted, _ = tune_socket(sock, congestion, buffer)
         try:
             await sock.connect(addr)
         except OSError as exc:
             sock.close()
             last = exc
             continue
-        return trio.SocketStream(sock)
+        return trio.SocketStream(sock), granted
     raise last or OSError(f"no address for {host}")
 
 
@@ -153,8 +209,10 @@ class Link:
 
     @classmethod
     async def connect(cls, host: str, port: int, source_name: str, *, tls: ClientTls, zstd_level: int = 1,
-                      congestion: str | None = "cubic", threads: int = 2) -> Link:
-        """Connect, authenticate both ends (unless `tls` is insecure), say HELLO."""
+                      congestion: str | None = "cubic", threads: int = 2,
+                      bwlimit: TokenBucket | None = None) -> Link:
+        """Connect, authenticate both ends (unless `tls` is insecure), say HELLO.
+        With ``bwlimit`` everything sent, TLS included, passes that bucket."""
         try:
             check_name(source_name, "source name")
         except ProtocolError as exc:
@@ -164,8 +222,13 @@ class Link:
         handshook = False
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                stream = await _open_socket(host, port, congestion)
+                peak = bwlimit.schedule.peak() if bwlimit is not None else None
+                sock_stream, granted = await _open_socket(host, port, congestion, buffer_for(peak))
+                stream = sock_stream
+                if bwlimit is not None and bwlimit.schedule.limited:
+                    stream = RateLimitedStream(sock_stream, bwlimit)
                 stream, security = await tls.wrap(stream)
+                _check_buffer(sock_stream.socket, granted, peak)
                 handshook = True
                 frames = FrameStream(stream, limiter)
                 await frames.send_control(MsgType.HELLO, {"source": source_name, "software": f"vrfs {__version__}"})
@@ -368,6 +431,22 @@ class Link:
                     nursery.start_soon(encode, pending, batch)
                     await send_queue.send(pending)
         return count, manifest.hexdigest()
+
+
+def _check_buffer(sock: trio.socket.SocketType, granted: int, rate: float | None) -> None:
+    """Log the link's round trip and send buffer; warn when the buffer cannot
+    hold the bandwidth-delay product of the limit (or of 1 Gbit/s)."""
+    rtt = rtt_of(sock)
+    if rtt is None:
+        return
+    bdp = (rate or UNLIMITED_RATE) * rtt
+    log.info("link round trip %.1f ms, send buffer %.1f MiB (bandwidth-delay product %.1f MiB at %s)",
+             rtt * 1000, granted / (1 << 20), bdp / (1 << 20),
+             f"{rate * 8 / 1e6:g} Mbit/s" if rate else "1 Gbit/s")
+    if granted and granted < bdp:
+        log.warning("the send buffer (%.1f MiB) is smaller than the bandwidth-delay product (%.1f MiB): "
+                    "raise net.core.wmem_max or run as root, or the link will not be full",
+                    granted / (1 << 20), bdp / (1 << 20))
 
 
 def _first_leaf(group: BaseExceptionGroup) -> BaseException:

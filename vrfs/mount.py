@@ -21,6 +21,7 @@ import pyfuse3
 import trio
 
 from vrfs import control, daemon
+from vrfs.bwlimit import Schedule, parse_schedule
 from vrfs.durable import write_atomically
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.fs import Datastore
@@ -58,6 +59,7 @@ class MountConfig:
     verify_every: float | None = None  # periodic online verify, seconds
     tls_dir: str | None = None  # the site's key and pins (vrfs/trust.py); None: plain TCP (--insecure)
     metrics_socket: socket.socket | None = None  # --metrics: bound before the daemon starts (vrfs/metrics.py)
+    bwlimit: "Schedule | None" = None  # --bwlimit (vrfs/bwlimit.py)
 
 
 def _open_source(source: str) -> int:
@@ -201,6 +203,9 @@ def mount_main(args) -> int:
     verify_every = parse_duration(args.verify_every, "--verify-every") if args.verify_every is not None else None
     if verify_every is not None and peer is None:
         raise UserError("--verify-every needs --peer: a verify compares with the DR site", EXIT_USAGE)
+    bwlimit = parse_schedule(args.bwlimit) if args.bwlimit is not None else None
+    if bwlimit is not None and peer is None:
+        raise UserError("--bwlimit needs --peer: it limits the link to the DR site", EXIT_USAGE)
     checkpoint_interval = parse_duration(os.environ.get("VRFS_CHECKPOINT_INTERVAL", "30s"),
                                          "VRFS_CHECKPOINT_INTERVAL")
     if not 1 <= args.compress_level <= 19:
@@ -240,6 +245,7 @@ def mount_main(args) -> int:
         checkpoint_interval=checkpoint_interval, debug=args.debug,
         untracked_writers=untracked_writers, verify_every=verify_every, tls_dir=tls_dir,
         metrics_socket=metrics_socket,
+        bwlimit=bwlimit,
     )
     service = lambda ready: _run(config, ready)  # noqa: E731
     if args.foreground:
@@ -294,7 +300,8 @@ def _run(config: MountConfig, ready) -> int:
             from vrfs.trust import TlsDir
             tls = ClientTls(TlsDir(config.tls_dir) if config.tls_dir is not None else None)
             shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
-                              config.rpo, config.compress_level, config.congestion, verifier=verifier, tls=tls)
+                              config.rpo, config.compress_level, config.congestion, verifier=verifier, tls=tls,
+                              bwlimit=config.bwlimit)
         trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "
@@ -402,5 +409,15 @@ def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool)
         "connected": shipper.connected if shipper else False,
         "insecure": shipper.tls.dir is None if shipper else False,
         "link": shipper.security if shipper else None,
+        "bwlimit": _bwlimit_status(shipper),
         "disks": disks,
     }
+
+
+def _bwlimit_status(shipper) -> dict | None:
+    bucket = shipper.bwlimit if shipper else None
+    if bucket is None:
+        return None
+    from vrfs.bwlimit import format_rate
+    rate = bucket.rate()
+    return {"schedule": bucket.schedule.describe(), "rate_bytes_per_second": rate, "rate": format_rate(rate)}

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vrfs.bwlimit import Schedule, TokenBucket
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
 from vrfs.link import CycleRefused, Link, LinkError
@@ -42,8 +43,10 @@ class Shipper:
     def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
                  limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None,
-                 *, tls: ClientTls) -> None:
+                 *, tls: ClientTls, bwlimit: Schedule | None = None) -> None:
         self.tracker = tracker
+        # One bucket for every connection: a reconnect brings no fresh burst.
+        self.bwlimit = TokenBucket(bwlimit) if bwlimit is not None and bwlimit.limited else None
         self.tls = tls
         self.security = ""  # how the current link is authenticated, for status
         self.verifier = verifier
@@ -79,7 +82,7 @@ class Shipper:
         while True:
             try:
                 link = await Link.connect(host, port, self.name, tls=self.tls, zstd_level=self.zstd_level,
-                                          congestion=self.congestion)
+                                          congestion=self.congestion, bwlimit=self.bwlimit)
             except LinkError as exc:
                 self._down(f"cannot reach {host}:{port}: {exc}")
             else:

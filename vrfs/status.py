@@ -98,6 +98,9 @@ def render_mount(status: dict, width: int | None = None) -> list[str]:
         link = status.get("link") if status["connected"] else None
         out.append(f"replicating as {status['name']} to {status['peer']} "
                    f"({'connected, ' + link if link else 'connected' if status['connected'] else 'not connected'})")
+        if status.get("bwlimit"):
+            bw = status["bwlimit"]
+            out.append(f"    bandwidth limit {bw['schedule']}: now {bw['rate']}")
         if status.get("insecure") and not link:
             out.append("    INSECURE: plain TCP (--insecure): anyone on the path can read and write the replicas")
         out += _group_table(disks)
