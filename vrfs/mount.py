@@ -181,10 +181,8 @@ def _check_tls(args, peer: tuple[str, int] | None) -> str | None:
     if peer is None:
         return args.tls_dir
     from vrfs.trust import TlsDir, TrustError
-    tls_dir = TlsDir(args.tls_dir)
     try:
-        tls_dir.require_site_key()
-        tls_dir.client_context()
+        tls_dir = TlsDir(args.tls_dir).usable("client")
     except TrustError as exc:
         raise UserError(str(exc)) from None
     if not tls_dir.pins():

@@ -81,10 +81,8 @@ def server_tls(args: Any) -> ServerTls:
     expired site key is one line at the command, not a log entry later."""
     if args.insecure:
         return ServerTls(None, HANDSHAKE_TIMEOUT)
-    tls_dir = TlsDir(args.tls_dir)
     try:
-        tls_dir.require_site_key()
-        tls_dir.server_context()
+        tls_dir = TlsDir(args.tls_dir).usable("server")
     except TrustError as exc:
         raise UserError(str(exc)) from None
     return ServerTls(tls_dir, HANDSHAKE_TIMEOUT)

@@ -398,6 +398,16 @@ class TlsDir:
                 raise TrustError(f"cannot load the pins of {self.trusted_path}: {exc}") from None
         return ctx
 
+    def usable(self, side: str) -> TlsDir:
+        """This directory, checked before a daemon starts: its key is there and in
+        date, and the context of `side` ("client" or "server") builds."""
+        self.require_site_key()
+        if side == "client":
+            self.client_context()
+        else:
+            self.server_context()
+        return self
+
     def check_receiver(self, der: bytes | None) -> Pin:
         """The receiver's certificate, as presented in the handshake: pinned and in date."""
         if not der:
