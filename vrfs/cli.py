@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="name of this source at the DR site (default: the host name)")
     m.add_argument("--rpo", metavar="DURATION", default="5m",
                    help="recovery point objective of every disk, e.g. 30s, 5m, 1h (default: 5m)")
+    m.add_argument("--config", metavar="FILE",
+                   help="per-disk settings (RPO, compression, priority) by globs over datastore paths, in TOML "
+                        "(see docs/settings.md); `setfattr -n user.vrfs.rpo -v 30s DISK` through the mount "
+                        "overrides them for one disk")
     m.add_argument("--block-size", metavar="SIZE",
                    help="tracking granularity, a power of two from 4K to 1M (default: 64K, or what "
                         "the datastore already uses); "

@@ -20,6 +20,7 @@ from collections import defaultdict
 import pyfuse3
 import trio
 
+from vrfs.diskxattrs import DiskAttributes, XattrError
 from vrfs.inodes import InodeTable
 from vrfs.layout import STATE_DIR
 from vrfs.mountinfo import CONTROL_XATTR, PID_XATTR
@@ -107,6 +108,8 @@ class Datastore(pyfuse3.Operations):
         self._next_dir = 1
         self._control_path = control_path
         self._euid = os.geteuid()
+        # The user.vrfs.* settings and live values of disks (vrfs/diskxattrs.py), once the mount has them.
+        self.disk_attributes: DiskAttributes | None = None
 
     # ------------------------------------------------------------ helpers
 
@@ -529,6 +532,12 @@ class Datastore(pyfuse3.Operations):
         path = self._inodes.path(inode)
         return self._proc_root if path == "." else f"{self._proc_root}/{path}"
 
+    def _vrfs_attr(self, inode: int, sname: str) -> tuple[Disk, DiskAttributes] | None:
+        disk = self._disk(inode)
+        if disk is None or self.disk_attributes is None or not sname.startswith(RESERVED_XATTR_PREFIX):
+            return None
+        return disk, self.disk_attributes
+
     @_errno_boundary
     async def getxattr(self, inode, name, ctx):
         sname = os.fsdecode(name)
@@ -537,21 +546,39 @@ class Datastore(pyfuse3.Operations):
                 return os.fsencode(self._control_path)
             if inode == pyfuse3.ROOT_INODE and sname == PID_XATTR:
                 return str(os.getpid()).encode()
+            if (found := self._vrfs_attr(inode, sname)) is not None:
+                return _xattr_call(found[1].get, found[0], sname)
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         return os.getxattr(self._xattr_path(inode), name, follow_symlinks=False)
 
     @_errno_boundary
     async def setxattr(self, inode, name, value, ctx):
-        if os.fsdecode(name).startswith(RESERVED_XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        sname = os.fsdecode(name)
+        if sname.startswith(RESERVED_XATTR_PREFIX):
+            if (found := self._vrfs_attr(inode, sname)) is None:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            return _xattr_call(found[1].set, found[0], sname, value)
         os.setxattr(self._xattr_path(inode), name, value, follow_symlinks=False)
 
     @_errno_boundary
     async def listxattr(self, inode, ctx):
-        return [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode), follow_symlinks=False)]
+        names = [os.fsencode(n) for n in os.listxattr(self._xattr_path(inode), follow_symlinks=False)]
+        if self.disk_attributes is not None and self._disk(inode) is not None:
+            names += [n.encode() for n in self.disk_attributes.names()]
+        return names
 
     @_errno_boundary
     async def removexattr(self, inode, name, ctx):
-        if os.fsdecode(name).startswith(RESERVED_XATTR_PREFIX):
-            raise pyfuse3.FUSEError(errno.EPERM)
+        sname = os.fsdecode(name)
+        if sname.startswith(RESERVED_XATTR_PREFIX):
+            if (found := self._vrfs_attr(inode, sname)) is None:
+                raise pyfuse3.FUSEError(errno.EPERM)
+            return _xattr_call(found[1].remove, found[0], sname)
         os.removexattr(self._xattr_path(inode), name, follow_symlinks=False)
+
+
+def _xattr_call(fn, *args):
+    try:
+        return fn(*args)
+    except XattrError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None

@@ -145,9 +145,8 @@ class Monitor:
         return (b1 - b0) / (t1 - t0) if t1 - t0 >= 0.2 else 0.0
 
     def rpo(self, group: str) -> float:
-        """The group's RPO: the strictest of its disks' (when they have their own), else the datastore's."""
-        rpos = [r for r in (getattr(d, "rpo", None) for d in self.shipper.tracker.group_disks(group)) if r]
-        return min(rpos) if rpos else self.shipper.rpo
+        """The group's RPO: the strictest of its disks' (vrfs/settings.py)."""
+        return self.shipper.scheduler.group_settings(group)[0]
 
     def lag(self, group: str) -> tuple[float, str]:
         """(seconds the DR site would lose now, how that is known):
@@ -224,7 +223,9 @@ class Monitor:
     # ------------------------------------------------------ the RPO watch
 
     def check(self) -> None:
-        """Log each group's RPO state when it changes (violated / met again)."""
+        """Log each group's RPO state when it changes (violated / met again),
+        and let the scheduler predict while a long cycle keeps it from deciding."""
+        self.shipper.scheduler.evaluate()
         for group in self.group_names():
             lag, basis = self.lag(group)
             rpo = self.rpo(group)

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pyfuse3
 import trio
@@ -58,6 +58,7 @@ class MountConfig:
     untracked_writers: str  # --force: files other processes write behind vrfs's back
     verify_every: float | None = None  # periodic online verify, seconds
     tls_dir: str | None = None  # the site's key and pins (vrfs/trust.py); None: plain TCP (--insecure)
+    rules: list = field(default_factory=list)  # per-disk settings of --config (vrfs/settings.py)
     metrics_socket: socket.socket | None = None  # --metrics: bound before the daemon starts (vrfs/metrics.py)
     bwlimit: "Schedule | None" = None  # --bwlimit (vrfs/bwlimit.py)
 
@@ -218,6 +219,8 @@ def mount_main(args) -> int:
         raise UserError(f"bad --name {name!r}: {exc}", EXIT_USAGE) from None
 
     tls_dir = _check_tls(args, peer)
+    from vrfs.settings import load_config
+    rules = load_config(args.config) if args.config is not None else []
     if args.metrics is not None and peer is None:
         raise UserError("--metrics needs --peer: the metrics are those of replication", EXIT_USAGE)
 
@@ -241,7 +244,7 @@ def mount_main(args) -> int:
         tracking=not args.no_tracking, writeback_cache=not args.no_writeback_cache, peer=peer,
         name=name, rpo=rpo, compress_level=args.compress_level, congestion=args.congestion,
         checkpoint_interval=checkpoint_interval, debug=args.debug,
-        untracked_writers=untracked_writers, verify_every=verify_every, tls_dir=tls_dir,
+        untracked_writers=untracked_writers, verify_every=verify_every, tls_dir=tls_dir, rules=rules,
         metrics_socket=metrics_socket,
         bwlimit=bwlimit,
     )
@@ -288,6 +291,13 @@ def _run(config: MountConfig, ready) -> int:
         log.warning("--force: files open for writing by other processes since before the mount: "
                     "%s; their writes will not be tracked and the replicas of these files can "
                     "differ from the source", config.untracked_writers)
+    settings = None
+    if tracker is not None:
+        from vrfs.diskxattrs import DiskAttributes
+        from vrfs.settings import Settings
+        settings = Settings({"rpo": config.rpo, "compression": config.compress_level}, config.rules, config.vrfs_fd)
+        settings.forget({d.disk_id for d in tracker.disks.values()})
+        ops.disk_attributes = DiskAttributes(settings, live=lambda disk: tracker.describe(disk))
     try:
         shipper = None
         if tracker is not None and config.peer is not None:
@@ -299,8 +309,12 @@ def _run(config: MountConfig, ready) -> int:
             tls = ClientTls(TlsDir(config.tls_dir) if config.tls_dir is not None else None)
             shipper = Shipper(tracker, config.root_fd, config.vrfs_fd, config.peer, config.name,
                               config.rpo, config.compress_level, config.congestion, verifier=verifier, tls=tls,
-                              bwlimit=config.bwlimit)
-        trio.run(_serve, config, ops, tracker, shipper, control_path, ready)
+                              settings=settings, bwlimit=config.bwlimit)
+            assert ops.disk_attributes is not None
+            ops.disk_attributes.live = lambda disk: {**tracker.describe(disk), **shipper.describe(disk)}
+            ops.disk_attributes.on_change = lambda disk: shipper.scheduler.consider(disk.group)
+        from vrfs.slowsteps import instruments
+        trio.run(_serve, config, ops, tracker, shipper, control_path, ready, instruments=instruments())
     except BaseException:
         log.exception("the file system failed; leaving the mount in place (unmount it with "
                       "`fusermount3 -u %s`)", config.mountpoint)

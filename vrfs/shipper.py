@@ -21,6 +21,8 @@ from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
 from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.monitor import Monitor
+from vrfs.scheduler import Scheduler
+from vrfs.settings import Settings
 from vrfs.tls import ClientTls
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
@@ -31,7 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vrfs.shipper")
 
-DIRTY_BOUND = 256 << 20  # cut early once a group's dirty data passes this
 READ_CHUNK = 4 << 20  # bytes read per worker-thread call
 PEER_FILE = "peer.json"
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 30.0
@@ -43,8 +44,15 @@ class Shipper:
     def __init__(self, tracker: Tracker, root_fd: int, vrfs_fd: int, peer: tuple[str, int],
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
                  limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None,
-                 *, tls: ClientTls, bwlimit: Schedule | None = None) -> None:
+                 *, tls: ClientTls, settings: Settings | None = None, bwlimit: Schedule | None = None) -> None:
         self.tracker = tracker
+        # Per-disk RPO, compression and priority (vrfs/settings.py); rpo and
+        # zstd_level are the mount's defaults.
+        self.settings = settings or Settings({"rpo": rpo, "compression": zstd_level})
+        self.scheduler = Scheduler(tracker, self.settings,
+                                   needs_full_sync=lambda d: self._needs_scan(d) or d.needs_full_sync)
+        tracker.change_listener = self.scheduler.changed
+        self.predicted_breach = self.scheduler.predicted_breach  # group -> a breach of its RPO is predicted
         # One bucket for every connection: a reconnect brings no fresh burst.
         self.bwlimit = TokenBucket(bwlimit) if bwlimit is not None and bwlimit.limited else None
         self.tls = tls
@@ -71,7 +79,6 @@ class Shipper:
         self.lineage = self._load_lineage()  # disk_id -> the point a failover started it from
         self.generations = self._load_generations()  # disk_id -> its generations, when a failover made more
         # group -> the scheduler foresees that the group will miss its RPO (status, metrics); absent: no.
-        self.predicted_breach: dict[str, bool] = {}
         self.monitor = Monitor(self)  # lag, rate, ETA and counters for status and metrics (vrfs/monitor.py)
 
     # ------------------------------------------------------------ the loop
@@ -134,14 +141,18 @@ class Shipper:
                             disk.path, link.points.get(disk.group, 0), disk.last_ack_cycle)
                 disk.last_ack_cycle = 0
                 disk.full_sync_scanned = False
+        self.scheduler.reset()
         idle_since = time.monotonic()
         while True:
-            due = self._due_groups()
+            due = self.scheduler.due()
             for name in due:
                 try:
                     await self._ship_group(link, name)
                 except OSError as exc:  # this group's files; the others still ship
                     log.warning("%s: cannot ship now: %s", name, exc)
+                    self.scheduler.retry_at(name, time.monotonic() + BACKOFF_MIN)
+                else:
+                    self.scheduler.consider(name)  # written meanwhile, or refused: it waits again
             verifying = self.verifier is not None and self.verifier.busy
             if self.verifier is not None:
                 await self.verifier.step(link)  # one chunk, between cycles: see vrfs/verify.py
@@ -150,7 +161,13 @@ class Shipper:
             elif time.monotonic() - idle_since >= IDLE_CHECK:
                 await link.check_alive()
                 idle_since = time.monotonic()
-            await trio.sleep(0 if self.verifier is not None and self.verifier.ready() else 0.1)
+            if self.verifier is not None and self.verifier.ready():
+                await trio.lowlevel.checkpoint()
+            else:  # until a group changes or falls due, or the idle link wants checking
+                limit = max(0.05, IDLE_CHECK - (time.monotonic() - idle_since))
+                if self.verifier is not None and self.verifier.busy:
+                    limit = min(limit, 0.1)  # a rate-limited verify's next chunk
+                await self.scheduler.wait(limit)
 
     def _needs_scan(self, disk: Disk) -> bool:
         return (disk.needs_full_sync or disk.last_ack_cycle == 0) and not disk.full_sync_scanned
@@ -162,27 +179,6 @@ class Shipper:
                 log.warning("%s: %s: full sync", disk.path, reason)
                 disk.mark_full(reason)
                 self.tracker.note_change(group)
-
-    def _due_groups(self) -> list[str]:
-        now = time.monotonic()
-        due = []
-        names = {d.group for d in self.tracker.disks.values()} | set(self.tracker.groups)
-        for name in sorted(names):
-            if name in self.refused and now < self.refused[name][0]:
-                continue  # refused a moment ago: this group backs off, the others go on
-            group = self.tracker.group(name)
-            disks = self.tracker.group_disks(name)
-            if any(self._needs_scan(d) or d.needs_full_sync for d in disks):
-                due.append(name)
-            elif group.oldest_change is not None and (
-                    now - group.oldest_change >= self.rpo / 2
-                    # active only: OR-ing in unacked would copy every bitmap each poll, and a
-                    # group with unacked blocks is due anyway (below)
-                    or sum(d.active.count() * d.block_size for d in disks) >= DIRTY_BOUND):
-                due.append(name)
-            elif any(d.unacked for d in disks):
-                due.append(name)  # a cycle that failed: send it again now
-        return due
 
     # -------------------------------------------------------- one group
 
@@ -202,6 +198,9 @@ class Shipper:
         header = CycleHeader(name, cycle_id, cut.cut_time, entries, full_sync)
         sent_before = link.bytes_sent
         shipped = {d: 0 for d in cut.parts}
+        started = time.monotonic()
+        link.zstd_level = min(self.settings.for_disk(d.disk_id, d.path).compression for d in cut.parts) \
+            if cut.parts else self.zstd_level
         flight = self.monitor.begin(cut, cycle_id, link, shipped)
         try:
             await link.send_cycle(header, self._blocks(cut, shipped))
@@ -221,6 +220,7 @@ class Shipper:
         self.monitor.end(flight, "committed")
         self.refused.pop(name, None)
         self.fenced.pop(name, None)
+        self.scheduler.delivered(sum(shipped.values()), time.monotonic() - started)
         self._acknowledge(cut, cycle_id, shipped, link.bytes_sent - sent_before)
 
     def _refused(self, name: str, refusal: CycleRefused) -> None:
@@ -240,6 +240,7 @@ class Shipper:
             log.warning("%s: cycle refused by the receiver: %s%s", name, refusal,
                         f"; retrying in {backoff:g} s" if backoff else "")
         self.refused[name] = (time.monotonic() + backoff, backoff, str(refusal))
+        self.scheduler.retry_at(name, time.monotonic() + backoff)
         if refusal.fenced:
             self.fenced[name] = "diverged" if refusal.diverged else "fenced"
 
@@ -296,6 +297,7 @@ class Shipper:
         block that holds data (SEEK_DATA) is marked, and all-zero ones among
         them travel as zero records."""
         st = os.stat(disk.path, dir_fd=self.root_fd, follow_symlinks=False)
+        disk.scanned_size = st.st_size
         entry = DiskEntry(disk.disk_id, disk.path, st.st_size, disk.block_size)
         total = entry.block_count
         disk.sync_progress = 0.0
@@ -410,10 +412,14 @@ class Shipper:
             "last_point": point,
             "bytes_sent": self.bytes_sent.get(disk.disk_id, 0),
             "bytes_dirty_shipped": self.bytes_shipped.get(disk.disk_id, 0),
+            "disk_rpo_seconds": self.settings.for_disk(disk.disk_id, disk.path).rpo,
         }
-        # lag_seconds (what the DR site would lose), rpo_seconds, rpo_violated, rate, ETA: vrfs/monitor.py
+        # lag_seconds (what the DR site would lose), rpo_seconds (the group's), rpo_violated,
+        # rpo_breach_predicted, rate, ETA: vrfs/monitor.py
         info.update(self.monitor.group_info(disk.group))
         info.update(self.monitor.disk_info(disk))
+        if self.scheduler.breach_reason(disk.group):
+            info["prediction"] = f"RPO will be missed: {self.scheduler.breach_reason(disk.group)}"
         if disk.sync_progress is not None:
             info["progress"] = round(disk.sync_progress, 4)
         if self.last_error and not self.connected:

@@ -37,6 +37,7 @@ DEFAULT_EXTENT_SIZE = 4 << 20
 # Copies of blocks preserved for a cycle in flight stay in memory up to this
 # much per cut; the rest goes to an unnamed file in the state directory.
 COW_MEMORY_BOUND = 64 << 20
+DIRTY_BOUND = 256 << 20  # a group whose dirty data passes this is cut early (the scheduler is told)
 STATE_TRACKING = "tracking"
 STATE_NEEDS_FULL_SYNC = "needs-full-sync"
 
@@ -70,6 +71,7 @@ class Disk:
     # receiver's, or None: it had no copy). The cycle that completes the full
     # sync carries it, so the receiver builds on exactly that copy.
     basis: str | None = None
+    scanned_size: int = 0  # the size the full sync compared (growth past it was never compared)
     sync_progress: float | None = None
     # Blocks whose bit went from clear to set in ``active``, since the mount
     # started: the blocks a cycle must carry, each rewrite between two cuts
@@ -104,6 +106,10 @@ class Group:
         self.drained: trio.Event | None = None  # set when ``writers`` reaches 0, while a cut waits
         self.cut_in_progress: trio.Event | None = None
         self.oldest_change: float | None = None  # monotonic time of the oldest unshipped change
+        # Bytes of the blocks marked since the last cut (each block once), for
+        # the scheduler's timing and bound.
+        self.dirty_bytes = 0
+        self.bound_noted = False
 
 
 class Tracker:
@@ -133,6 +139,12 @@ class Tracker:
         self.checkpoints = 0
         self.last_checkpoint = 0.0
         self.degraded = ""  # why tracking state is not durable now, if it is not
+        # Told of each group's transition to changed (vrfs/scheduler.py); called
+        # on the trio thread, so it must be cheap and must not await.
+        self.change_listener: Callable[[str], None] | None = None
+        self._layout = 0  # bumped whenever a disk comes, goes or changes its path
+        self._index: dict[str, list[Disk]] = {}
+        self._index_key: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------- loading
 
@@ -252,16 +264,22 @@ class Tracker:
             if disk.cut is not None:
                 disk.cut.preserve(disk, first, stop)
             if stop - first == 1:
-                if not disk.active.test(first):
+                newly = 0 if disk.active.test(first) else 1
+                if newly:
                     disk.active.set(first)
-                    disk.newly_dirty += 1
             else:
-                disk.newly_dirty += disk.active.set_range(first, stop)
+                newly = disk.active.set_range(first, stop)
+            disk.newly_dirty += newly
             disk.changed = True
+            group.dirty_bytes += newly * bs
+            if group.dirty_bytes >= DIRTY_BOUND and not group.bound_noted:
+                group.bound_noted = True
+                self._changed(group.name)
         elif group.cut_in_progress is not None:
             await self._wait_for_cut(group)
         if group.oldest_change is None:
             group.oldest_change = time.monotonic()
+            self._changed(group.name)
         group.writers += 1
         return group
 
@@ -362,6 +380,7 @@ class Tracker:
         disk = self.disks.get(ino)
         if disk is None:
             disk = self.disks[ino] = Disk(os.urandom(16), ino, path, size, self.block_size, self.extent_size)
+            self._layout += 1
             self.note_change(disk.group)
         return disk
 
@@ -369,11 +388,18 @@ class Tracker:
         g = self.group(group_name)
         if g.oldest_change is None:
             g.oldest_change = time.monotonic()
+        self._changed(group_name)
+
+    def _changed(self, group_name: str) -> None:
+        """Tell the scheduler, once per transition (never per write)."""
+        if self.change_listener is not None:
+            self.change_listener(group_name)
 
     def removed(self, ino: int) -> None:
         """The last name of a disk is gone."""
         disk = self.disks.pop(ino, None)
         if disk is not None:
+            self._layout += 1
             self._forget_state_later.add(ino)
             self.note_change(disk.group)
 
@@ -422,6 +448,7 @@ class Tracker:
             old_group = disk.group
             self.note_change(old_group)
             disk.path = new
+            self._layout += 1
             disk.changed = True
             self.note_change(disk.group)
             if disk.group != old_group:
@@ -439,8 +466,22 @@ class Tracker:
 
     # ------------------------------------------------------------------ cuts
 
+    @property
+    def layout_version(self) -> tuple[int, int]:
+        """Changes whenever a disk comes, goes or changes its path."""
+        return self._layout, len(self.disks)
+
     def group_disks(self, name: str) -> list[Disk]:
-        return [d for d in self.disks.values() if d.group == name]
+        """The disks of one group, from an index rebuilt only when the namespace
+        changed: status, metrics and the scheduler ask per group, and a walk of
+        every disk per question stalled the loop on large datastores."""
+        key = self.layout_version
+        if self._index_key != key:
+            index: dict[str, list[Disk]] = {}
+            for disk in self.disks.values():
+                index.setdefault(disk.group, []).append(disk)
+            self._index, self._index_key = index, key
+        return list(self._index.get(name, ()))
 
     async def cut(self, name: str, open_disk) -> "Cut":
         """Atomically end a cycle of group ``name``: wait for its writes in
@@ -458,6 +499,7 @@ class Tracker:
                 group.drained = None
             disks = sorted(self.group_disks(name), key=lambda d: d.path)
             cut = Cut(name, time.time(), group.oldest_change, self._dir_fd)
+            cut.dirty_bytes = group.dirty_bytes
             fds: list[int] = []
             try:  # open everything before anything moves, so a failure changes nothing
                 for disk in disks:
@@ -473,6 +515,7 @@ class Tracker:
                 disk.cut = cut
                 cut.add(disk, fd, bits)
             group.oldest_change = None
+            group.dirty_bytes, group.bound_noted = 0, False
         finally:
             group.cut_in_progress = None
             gate.set()
@@ -498,7 +541,9 @@ class Tracker:
         group = self.group(cut.group)
         if cut.oldest_change is not None:
             group.oldest_change = min(cut.oldest_change, group.oldest_change or cut.oldest_change)
+        group.dirty_bytes += cut.dirty_bytes
         self.release(cut)
+        self._changed(cut.group)
 
     @staticmethod
     def release(cut: "Cut") -> None:
@@ -665,6 +710,7 @@ class Cut:
         self.group = group
         self.cut_time = cut_time
         self.oldest_change = oldest_change
+        self.dirty_bytes = 0  # the group's estimate at the cut, given back if the cycle fails
         self.parts: dict[Disk, CutPart] = {}
         self.preserved_bytes = 0  # held in memory
         self._spill_dir_fd = spill_dir_fd
@@ -673,6 +719,13 @@ class Cut:
 
     def add(self, disk: Disk, fd: int, bits: Bitmap) -> None:
         size = os.fstat(fd).st_size
+        if disk.full_sync_scanned and size > disk.scanned_size:
+            # Grown since its full sync compared it: the grown part was never
+            # compared, and a replica that is not sparse (a device) holds
+            # whatever it held there. Its blocks go with the cycle (zero
+            # records where the file reads as zeros).
+            bits = bits.copy()
+            bits.set_range(disk.scanned_size // disk.block_size, -(-size // disk.block_size))
         part = CutPart(fd, size, bits, bits.copy(), bits.count())
         part.full_sync = disk.full_sync_scanned
         part.basis = disk.basis

@@ -1,0 +1,80 @@
+"""The `user.vrfs.*` extended attributes of a disk, seen through the mount.
+
+Settable (vrfs/settings.py): `user.vrfs.rpo`, `user.vrfs.compression`,
+`user.vrfs.priority`; removing one returns the disk to the configuration
+file's or the mount's value. Read-only, live: `user.vrfs.state`,
+`user.vrfs.lag`, `user.vrfs.dirty_bytes`, `user.vrfs.last_point`,
+`user.vrfs.rpo_breach_predicted`. A bad value is EINVAL and one log line;
+writing a live value is EPERM.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from vrfs.settings import PARSERS, Settings, format_value
+from vrfs.tracker import Disk
+
+log = logging.getLogger("vrfs.settings")
+
+PREFIX = "user.vrfs."
+LIVE = ("state", "lag", "dirty_bytes", "last_point", "rpo_breach_predicted")
+
+
+class XattrError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(errno.errorcode.get(code, str(code)))
+        self.errno = code
+
+
+class DiskAttributes:
+    def __init__(self, settings: Settings, live: Callable[[Disk], dict[str, Any]] | None = None,
+                 on_change: Callable[[Disk], None] | None = None) -> None:
+        self.settings = settings
+        self.live = live  # the shipper's view of a disk; None without --peer
+        self.on_change = on_change  # a setting changed: the scheduler looks at the disk's group again
+
+    def names(self) -> list[str]:
+        return [PREFIX + k for k in PARSERS] + ([PREFIX + k for k in LIVE] if self.live else [])
+
+    def get(self, disk: Disk, name: str) -> bytes:
+        key = name[len(PREFIX):]
+        if key in PARSERS:
+            found = self.settings.for_disk(disk.disk_id, disk.path)
+            return format_value(key, getattr(found, key)).encode()
+        if key in LIVE and self.live is not None:
+            info = self.live(disk)
+            value = {"state": info.get("state"), "lag": f"{info.get('lag_seconds', 0):.1f}s",
+                     "dirty_bytes": info.get("dirty_bytes", 0),
+                     "last_point": (info.get("last_point") or {}).get("id", 0),
+                     "rpo_breach_predicted": int(bool(info.get("rpo_breach_predicted")))}[key]
+            return str(value).encode()
+        raise XattrError(errno.ENODATA)
+
+    def set(self, disk: Disk, name: str, value: bytes) -> None:
+        key = name[len(PREFIX):]
+        if key in LIVE:
+            log.warning("%s: %s is read-only (a live value)", disk.path, name)
+            raise XattrError(errno.EPERM)
+        try:
+            text = value.decode("utf-8").strip().rstrip("\0")
+            parsed = self.settings.set(disk.disk_id, key, text)
+        except (UnicodeDecodeError, ValueError) as exc:
+            log.warning("%s: %s=%r refused: %s", disk.path, name, value[:64], exc)
+            raise XattrError(errno.EINVAL) from None
+        log.info("%s: %s set to %s", disk.path, key, format_value(key, parsed))
+        if self.on_change is not None:
+            self.on_change(disk)
+
+    def remove(self, disk: Disk, name: str) -> None:
+        key = name[len(PREFIX):]
+        if key in LIVE:
+            raise XattrError(errno.EPERM)
+        if key not in PARSERS or not self.settings.clear(disk.disk_id, key):
+            raise XattrError(errno.ENODATA)
+        log.info("%s: %s back to %s", disk.path, key, self.settings.for_disk(disk.disk_id, disk.path).where(key))
+        if self.on_change is not None:
+            self.on_change(disk)

@@ -1,0 +1,35 @@
+"""A trio instrument that logs every task step holding the event loop longer
+than a bound: on the mount, the loop also serves FUSE, so such a step is a
+stall of every VM's I/O. Enabled by VRFS_SLOW_STEP_MS (a diagnostic, off by
+default; scripts/bench-scheduler uses it to name what stalls the loop)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+log = logging.getLogger("vrfs.loop")
+
+
+class SlowSteps(trio.abc.Instrument):
+    def __init__(self, bound_ms: float) -> None:
+        self.bound = bound_ms / 1e3
+        self._started: dict[trio.lowlevel.Task, float] = {}
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started[task] = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        started = self._started.pop(task, None)
+        if started is not None and (took := time.perf_counter() - started) > self.bound:
+            frame = task.coro.cr_frame if hasattr(task.coro, "cr_frame") else None
+            where = f"{frame.f_code.co_filename}:{frame.f_lineno}" if frame is not None else "?"
+            log.warning("loop held %.1f ms by %s (at %s)", took * 1e3, task.name, where)
+
+
+def instruments() -> list[trio.abc.Instrument]:
+    bound = os.environ.get("VRFS_SLOW_STEP_MS")
+    return [SlowSteps(float(bound))] if bound else []
