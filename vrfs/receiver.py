@@ -19,7 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__, admission
-from vrfs.cycle import CycleHeader
+from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
 from vrfs.store.base import ApplyFailed, Diverged, Fenced, Refusal, hash_blocks
@@ -27,7 +27,9 @@ from vrfs.store.journal import Journal
 from vrfs.testhooks import crash_point
 from vrfs.tls import close
 from vrfs.wire import (
+    FEATURE_RAW_BATCH,
     MAX_HASHES_PER_FRAME,
+    DecodedBatch,
     Frame,
     FrameStream,
     MsgType,
@@ -151,7 +153,7 @@ class Receiver:
         points, resync = await self._run(self._inventory, source)
         await frames.send_control(MsgType.WELCOME, {
             "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}",
-            "resync": resync})
+            "resync": resync, "features": [FEATURE_RAW_BATCH]})
         log.info("%s: source %r connected", peer, source)
         while True:
             frame = await frames.receive()
@@ -245,12 +247,13 @@ class Receiver:
         self._hold(key)
         try:
             try:
-                await self._run(self._prepare, source, header)
+                direct = await self._run(self._prepare, source, header)
             except (Refusal, OSError, StoreError) as exc:
                 await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
                 return
             try:
                 journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
+                await self._run(journal.start_direct, direct)
             except OSError as exc:  # no room for even an empty journal: this group waits, the link stays
                 await self._refuse(frames, peer, source, header,
                                    Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
@@ -259,7 +262,7 @@ class Receiver:
             committed = False
             try:
                 try:
-                    await self._stage(frames, header, journal)
+                    await self._stage(frames, header, journal, frozenset(direct))
                 except OSError as exc:  # the store's own trouble (ENOSPC, EIO), not the peer's
                     await self._run(journal.discard)
                     await self._refuse(frames, peer, source, header,
@@ -284,9 +287,10 @@ class Receiver:
         await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
         log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
 
-    def _prepare(self, source: str, header: CycleHeader) -> None:
+    def _prepare(self, source: str, header: CycleHeader) -> dict[int, DiskEntry]:
         """Before anything is staged: finish the group's committed journal, and
-        check that the cycle is newer than its point and fits the store."""
+        check that the cycle is newer than its point and fits the store.
+        Returns the disks to stage whole (Store.direct_disks)."""
         old = self.store.load_group(source, header.group)
         if old is not None and old.fenced is not None:
             raise Fenced(f"group {header.group!r} is fenced: {old.fenced.get('reason', 'failed over')}; "
@@ -297,6 +301,7 @@ class Receiver:
             raise Refusal(f"cycle {header.cycle_id} of {header.group!r} is not newer than the committed "
                           f"point {old.cycle_id}")
         self.store.check_cycle(source, header, old)
+        return self.store.direct_disks(source, header)
 
     def _settle_before(self, source: str, header: CycleHeader) -> None:
         """A committed journal left by a failed apply goes in before anything newer.
@@ -340,8 +345,10 @@ class Receiver:
             "resync": [d.hex() for d in refusal.resync], "point": state.cycle_id if state else 0,
             "fenced": isinstance(refusal, Fenced), "diverged": isinstance(refusal, Diverged)})
 
-    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal) -> None:
-        """Receive the cycle's batches into the journal and commit it once the manifest checks out."""
+    async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal,
+                     direct: frozenset[int] = frozenset()) -> None:
+        """Receive the cycle's batches into the journal (the disks in
+        ``direct`` into their replicas-to-be) and commit it once the manifest checks out."""
         # A hostile peer must not fill the store: no cycle holds more blocks than its disks have.
         limit = sum(d.block_count for d in header.disks)
         manifest = xxhash.xxh3_64()
@@ -350,11 +357,11 @@ class Receiver:
             frame = await _next_in_cycle(frames)
             if frame.type == MsgType.CYCLE_END:
                 break
-            batch = await self._run(decode_batch, frame.payload, header.disks)
+            batch = await self._run(decode_batch, frame.payload, header.disks, frame.flags, direct)
             count += batch.count
             if count > limit:
                 raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
-            await self._run(journal.append, batch.journal)
+            await self._run(_write_batch, journal, batch)
             manifest.update(batch.manifest)
             crash_point("staging")
         end = decode_control(frame.payload)
@@ -364,6 +371,12 @@ class Receiver:
         if field(end, "manifest", str) != manifest.hexdigest():
             raise ProtocolError("manifest hash does not match the blocks received")
         await self._run(journal.commit, header, count, manifest.hexdigest())
+
+
+def _write_batch(journal: Journal, batch: DecodedBatch) -> None:
+    if batch.journal:
+        journal.append(batch.journal)
+    journal.write_direct(batch.direct)
 
 
 async def _next_in_cycle(frames: FrameStream) -> Frame:

@@ -31,6 +31,7 @@ from vrfs.retention import Policy
 from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
 from vrfs.store.points import PointStore
+from vrfs.testhooks import crash_point
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
 
 HASH_READ = 8 << 20
@@ -365,10 +366,24 @@ class Store(ABC):
             # A redo must not move or copy again: blocks written after this
             # point would be copied along (a device store copies on rename).
             atomic_write(journal.path / Journal.MOVED_IN, b"")
+        direct = journal.direct()
+        for disk in header.disks:
+            if disk.disk_id in direct and disk.disk_id not in skip:
+                # Staged whole: the replica-to-be takes the disk's name (a
+                # redo finds it already gone from the journal, and in place).
+                staged = journal.direct_path(disk.disk_id)
+                try:
+                    if os.path.lexists(staged):
+                        self.place_direct(source, disk, staged)
+                        crash_point("direct-placed")
+                    elif self.replica_damage(source, disk):
+                        raise FileNotFoundError(errno.ENOENT, f"its staged replica {staged} is gone")
+                except OSError as exc:
+                    raise ApplyFailed(disk, exc) from exc
         fds: list[int | None] = []
         try:
             for disk in header.disks:
-                if disk.disk_id in skip:
+                if disk.disk_id in skip or disk.disk_id in direct:
                     fds.append(None)
                     continue
                 fresh = disk.disk_id in header.full_sync and header.full_sync[disk.disk_id] is None
@@ -464,6 +479,35 @@ class Store(ABC):
 
     def replica_path(self, source: str, path: str) -> Path:
         raise StoreError(f"{self.url}: this store cannot keep older points")
+
+    # --- disks staged whole (journal.py: direct/) -----------------------------
+
+    stages_direct = False  # whether this backend can take a replica staged whole (place_direct)
+
+    def direct_disks(self, source: str, header: CycleHeader) -> dict[int, DiskEntry]:
+        """The disks of a cycle (by index) that can be staged whole, straight
+        into a replica-to-be in the journal: those whose content before this
+        cycle no committed point needs from their new replica, because the
+        cycle builds them from zeros (a full sync that found no copy, a disk
+        new to the store sent without comparison, which check_cycle let
+        land only where nothing is). Their blocks are written once; apply
+        renames the file into place. Called after check_cycle, with the group held."""
+        if not self.stages_direct:
+            return {}
+        old = self.load_group(source, header.group)
+        old_ids = {d.disk_id for d in old.disks} if old else set()
+        out = {}
+        for index, disk in enumerate(header.disks):
+            if disk.disk_id in header.full_sync:
+                if header.full_sync[disk.disk_id] is None:
+                    out[index] = disk
+            elif disk.disk_id not in old_ids:
+                out[index] = disk
+        return out
+
+    def place_direct(self, source: str, disk: DiskEntry, staged: Path) -> None:
+        """Give a replica staged whole its disk's name (replacing what is there)."""
+        raise StoreError(f"{self.url}: this store does not stage replicas whole")
 
     # --- what a backend provides ---------------------------------------------
 
