@@ -118,6 +118,17 @@ def encode_frame(ftype: MsgType, payload: bytes, flags: int = 0) -> bytes:
     return header + payload
 
 
+def encode_frame_parts(ftype: MsgType, parts: list[bytes], flags: int = 0) -> bytes:
+    """encode_frame of b"".join(parts), with one copy of the parts instead of two."""
+    length = sum(len(p) for p in parts)
+    if length > _PAYLOAD_BOUND[ftype]:
+        raise ValueError(f"{ftype.name} payload of {length} bytes exceeds the bound")
+    checksum = xxhash.xxh3_64()
+    for p in parts:
+        checksum.update(p)
+    return b"".join([FRAME_HEADER.pack(MAGIC, VERSION, ftype, flags, length, checksum.intdigest()), *parts])
+
+
 def parse_frame_header(raw: bytes) -> tuple[MsgType, int, int, int]:
     """Check a frame header; returns (type, flags, payload length, checksum)."""
     magic, version, ftype, flags, length, checksum = FRAME_HEADER.unpack(raw)
@@ -165,7 +176,8 @@ class FrameStream:
         return True
 
     def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[:n])
+        with memoryview(self._buf) as view:  # one copy (a slice of the bytearray would be two)
+            out = bytes(view[:n])
         del self._buf[:n]
         return out
 
@@ -499,16 +511,14 @@ def encode_batch(blocks: list[tuple[int, int, bytes | None]], level: int | None,
         ratio = sample_ratio(body)
         if ratio > INCOMPRESSIBLE:
             level = None
-    flags = 0
     if level is None:
-        flags = FLAG_RAW_BODY
-        encoded = b"".join(body)
+        flags, parts = FLAG_RAW_BODY, records + body
     else:
-        encoded = _compressor(level).compress(b"".join(body))
+        flags, parts = 0, records + [_compressor(level).compress(b"".join(body))]
     seconds = time.perf_counter() - started
-    payload = b"".join(records) + encoded
-    return EncodedBatch(encode_frame(MsgType.BATCH, payload, flags), b"".join(manifest), len(blocks),
-                        level, raw, len(encoded), seconds, ratio)
+    frame = encode_frame_parts(MsgType.BATCH, parts, flags)
+    body_bytes = len(frame) - FRAME_HEADER.size - sum(len(r) for r in records)
+    return EncodedBatch(frame, b"".join(manifest), len(blocks), level, raw, body_bytes, seconds, ratio)
 
 
 @dataclass
