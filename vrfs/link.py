@@ -152,8 +152,10 @@ class Link:
         self.resync = resync or {}  # group -> disks whose replica the receiver found missing or damaged
         self.zstd_level = zstd_level  # the ceiling: batches go at this level or cheaper (vrfs/compression.py)
         self.features = features  # what the receiver offers beyond the base protocol (WELCOME)
-        self.compression = CompressionPolicy(zstd_level, int(frames.limiter.total_tokens),
-                                             raw_allowed=FEATURE_RAW_BATCH in features)
+        # Compressors run beside the trio thread that feeds the socket (and
+        # encrypts): on a machine of n cores, at most n - 1 of them compress at full speed.
+        compressors = min(int(frames.limiter.total_tokens), max(1, (os.cpu_count() or 1) - 1))
+        self.compression = CompressionPolicy(zstd_level, compressors, raw_allowed=FEATURE_RAW_BATCH in features)
         self._lock = trio.Lock()
         self._broken: str | None = None
 

@@ -267,7 +267,7 @@ class Receiver:
                     await self._run(journal.discard)
                     await self._refuse(frames, peer, source, header,
                                        Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
-                                       drain=True)
+                                       drain=False)  # _stage read the cycle to its end
                     return
                 committed = True
                 crash_point("committed")
@@ -353,17 +353,53 @@ class Receiver:
         limit = sum(d.block_count for d in header.disks)
         manifest = xxhash.xxh3_64()
         count = 0
-        while True:
-            frame = await _next_in_cycle(frames)
-            if frame.type == MsgType.CYCLE_END:
-                break
-            batch = await self._run(decode_batch, frame.payload, header.disks, frame.flags, direct)
-            count += batch.count
-            if count > limit:
-                raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
-            await self._run(_write_batch, journal, batch)
-            manifest.update(batch.manifest)
-            crash_point("staging")
+        # The next frame is received (and decrypted) while the previous one is
+        # decoded and written: at most two batches in memory.
+        # A failure to store (the peer's bad batch, the store's ENOSPC) stops
+        # the reader between frames, never inside one: after a refusal the
+        # rest of the cycle is drained from a stream still in step.
+        to_store, batches = trio.open_memory_channel[Frame](0)
+        failure: ProtocolError | OSError | None = None
+
+        async def store() -> None:
+            nonlocal count, failure
+            async with batches:
+                async for batch_frame in batches:
+                    if failure is not None:
+                        continue
+                    try:
+                        batch = await self._run(decode_batch, batch_frame.payload, header.disks,
+                                                batch_frame.flags, direct)
+                        count += batch.count
+                        if count > limit:
+                            raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
+                        await self._run(_write_batch, journal, batch)
+                    except (ProtocolError, OSError) as exc:
+                        failure = exc
+                        continue
+                    manifest.update(batch.manifest)
+                    crash_point("staging")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store)
+                async with to_store:
+                    while failure is None:
+                        frame = await _next_in_cycle(frames)
+                        if frame.type == MsgType.CYCLE_END:
+                            break
+                        await to_store.send(frame)
+        except BaseExceptionGroup as group:  # the one failure that mattered, not the group
+            raise _first_failure(group) from None
+        if failure is not None:
+            if isinstance(failure, OSError):
+                # The store's own trouble refuses this cycle alone: its staging
+                # goes at once, and the rest of it is read and dropped here, so
+                # the stream is at a cycle's end whichever frame the reader had reached.
+                await self._run(journal.discard)
+                if frame.type != MsgType.CYCLE_END:
+                    await _drain_cycle(frames)
+            raise failure
         end = decode_control(frame.payload)
         declared = int_field(end, "blocks", 0, 1 << 62)
         if declared != count:
@@ -371,6 +407,18 @@ class Receiver:
         if field(end, "manifest", str) != manifest.hexdigest():
             raise ProtocolError("manifest hash does not match the blocks received")
         await self._run(journal.commit, header, count, manifest.hexdigest())
+
+
+def _first_failure(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((exc for exc in leaves if not isinstance(exc, trio.Cancelled)), leaves[0])
 
 
 def _write_batch(journal: Journal, batch: DecodedBatch) -> None:
