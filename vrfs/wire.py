@@ -446,6 +446,21 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
+_ZEROS: dict[int, bytes] = {}  # zeros by length, for is_zero (block sizes, the last blocks of disks)
+
+
+def is_zero(data: bytes | memoryview) -> bool:
+    """Whether a block is all zeros: a memcmp against zeros, which stops at
+    the first non-zero byte (bytes.count(0) scans at a quarter of its speed)."""
+    n = len(data)
+    zeros = _ZEROS.get(n)
+    if zeros is None:
+        if len(_ZEROS) >= 64 or n > MAX_BLOCK_SIZE:
+            return bytes(data).count(0) == n
+        zeros = _ZEROS.setdefault(n, bytes(n))
+    return bytes(data) == zeros if isinstance(data, memoryview) else data == zeros
+
+
 def block_length(disk: DiskEntry, index: int) -> int:
     return min(disk.block_size, disk.size - index * disk.block_size)
 
@@ -495,7 +510,7 @@ def encode_batch(blocks: list[tuple[int, int, bytes | None]], level: int | None,
     body = []
     raw = 0
     for disk_index, block_index, data in blocks:
-        if data is not None and data.count(0) == len(data):
+        if data is not None and is_zero(data):
             data = None
         if data is None:
             records.append(BATCH_RECORD.pack(disk_index, block_index, KIND_ZERO, 0))

@@ -32,7 +32,7 @@ from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
 from vrfs.store.points import PointStore
 from vrfs.testhooks import crash_point
-from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
+from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json, is_zero
 
 HASH_READ = 8 << 20
 CONTROL_FILE = "control"  # in the state directory: the control socket of the `vrfs serve` running on it
@@ -623,5 +623,5 @@ def hash_blocks(copy: Copy, block_size: int, first: int, count: int) -> list[byt
         data = os.pread(copy.fd, length, offset)
         if len(data) < length:  # the copy is shorter than it claims: the rest reads as zeros
             data += bytes(length - len(data))
-        out.append(None if data.count(0) == len(data) else xxhash.xxh3_128_digest(data))
+        out.append(None if is_zero(data) else xxhash.xxh3_128_digest(data))
     return out
