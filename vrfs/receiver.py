@@ -251,10 +251,13 @@ class Receiver:
             except (Refusal, OSError, StoreError) as exc:
                 await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
                 return
+            journal = None
             try:
                 journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
-                await self._run(journal.start_direct, direct)
+                await self._run(journal.start_direct, direct)  # EFBIG: a new disk too large for the store
             except OSError as exc:  # no room for even an empty journal: this group waits, the link stays
+                if journal is not None:
+                    await self._run(journal.discard)
                 await self._refuse(frames, peer, source, header,
                                    Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
                                    drain=True)
