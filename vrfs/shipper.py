@@ -253,16 +253,17 @@ class Shipper:
             bs = disk.block_size
             limit = (part.size + bs - 1) // bs
             wanted = [i for i in part.bits if i < limit]
+            runs = []  # (first block, count): a run of consecutive blocks is one pread
             pos = 0
             while pos < len(wanted):
-                # A run of consecutive blocks is one pread.
                 run_end = pos + 1
                 while (run_end < len(wanted) and wanted[run_end] == wanted[run_end - 1] + 1
                        and (run_end - pos) * bs < READ_CHUNK):
                     run_end += 1
-                first = wanted[pos]
-                count = run_end - pos
-                following = wanted[run_end] * bs if run_end < len(wanted) else None
+                runs.append((wanted[pos], run_end - pos))
+                pos = run_end
+            for r, (first, count) in enumerate(runs):
+                following = (runs[r + 1][0] * bs, runs[r + 1][1] * bs) if r + 1 < len(runs) else None
                 data = await trio.to_thread.run_sync(_pread_ahead, part.fd, count * bs, first * bs, following,
                                                      limiter=self.limiter)
                 for k in range(count):
@@ -271,7 +272,6 @@ class Shipper:
                     block = block[:max(0, min(bs, part.size - i * bs))]
                     shipped[disk] += len(block)
                     yield index, i, block
-                pos = run_end
 
     # --------------------------------------------------------- full sync
 
@@ -451,13 +451,13 @@ class Shipper:
         write_atomically(self.vrfs_fd, PEER_FILE, json.dumps({"store_id": self.store_id}).encode())
 
 
-def _pread_ahead(fd: int, length: int, offset: int, following: int | None) -> bytes:
+def _pread_ahead(fd: int, length: int, offset: int, following: tuple[int, int] | None) -> bytes:
     """Read a run of blocks, and have the kernel start reading the next run
-    meanwhile (a full sync reads the whole disk: the next pread finds it cached)."""
+    (offset, length) meanwhile, so that the next pread finds it cached."""
     data = os.pread(fd, length, offset)
     if following is not None:
         try:
-            os.posix_fadvise(fd, following, READ_CHUNK, os.POSIX_FADV_WILLNEED)
+            os.posix_fadvise(fd, following[0], following[1], os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
     return data
