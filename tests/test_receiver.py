@@ -379,3 +379,16 @@ async def test_kill_while_staging_whole_keeps_previous_point(tmp_path: Path, sto
         await link.aclose()
     finally:
         server.stop()
+
+
+def test_direct_disks_are_new_or_rebuilt_from_zeros_and_few(tmp_path: Path) -> None:
+    from vrfs.store.dirstore import DirStore
+    from vrfs.store.devstore import DevStore
+
+    st = DirStore(f"dir:{tmp_path}", tmp_path)
+    disks = [disk(n, f"vm1/d{n}.raw", n * BS) for n in range(1, 13)]
+    hdr = dataclasses.replace(header("vm1", 1, *disks), full_sync={disks[0].disk_id: None,
+                                                                    disks[11].disk_id: "seed:1.2.3@0"})
+    # Compared with a seed: built on it, so journaled; the 8 largest of the others.
+    assert sorted(st.direct_disks("hv1", hdr)) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert DevStore.stages_direct is False

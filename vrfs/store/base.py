@@ -35,6 +35,7 @@ from vrfs.testhooks import crash_point
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json, is_zero
 
 HASH_READ = 8 << 20
+MAX_DIRECT_DISKS = 8  # disks of one cycle staged whole (an open file each while it stages)
 CONTROL_FILE = "control"  # in the state directory: the control socket of the `vrfs serve` running on it
 
 
@@ -503,7 +504,10 @@ class Store(ABC):
                     out[index] = disk
             elif disk.disk_id not in old_ids:
                 out[index] = disk
-        return out
+        # Each is an open file while the cycle stages: the largest few, so that
+        # a group of thousands of small files does not run out of descriptors.
+        largest = sorted(out, key=lambda i: -out[i].size)[:MAX_DIRECT_DISKS]
+        return {i: out[i] for i in sorted(largest)}
 
     def place_direct(self, source: str, disk: DiskEntry, staged: Path) -> None:
         """Give a replica staged whole its disk's name (replacing what is there)."""
