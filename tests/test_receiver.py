@@ -15,6 +15,7 @@ import xxhash
 
 from vrfs.link import CycleRefused, Link, LinkError
 from vrfs.store import store_status
+from vrfs.wire import BATCH_RECORD
 
 from tlshelpers import serve_args
 from servehelpers import (
@@ -286,3 +287,108 @@ def test_daemon_mode_and_sigterm(tmp_path: Path) -> None:
         raise AssertionError("daemon ignored SIGTERM")
     assert "SIGTERM: shutting down" in (store / ".vrfs/serve.log").read_text()
     assert json.loads(json.dumps(store_status(f"dir:{store}"))) == []
+
+
+async def test_direct_staging_writes_once_and_redo_places_each_replica(tmp_path: Path, store: Path) -> None:
+    """Disks that a cycle builds from zeros (new to the store, or a full sync
+    that found no copy) are staged whole as replicas-to-be in the journal:
+    their blocks are not journaled, nothing is visible before commit, and a
+    kill -9 after each rename into place is redone to the same point."""
+    model = Model()
+    a = disk(1, "vm1/a.raw", 8 * BS)
+    d = disk(4, "vm1/d.raw", 6 * BS)
+    server = Server(f"dir:{store}", tmp_path / "serve.log")
+    try:
+        server.start()
+        link = await connect(server)
+        await send(link, model, header("vm1", 1, a, d), [(0, 1, rand(BS, 1))] + [(1, i, rand(BS, 10 + i))
+                                                                                  for i in range(6)])
+        await link.aclose()
+        server.stop()
+        point1 = Model()
+        point1.files = {k: bytearray(v) for k, v in model.files.items()}
+
+        b = disk(2, "vm1/b.raw", 5 * BS + 7)  # new, its full sync found no copy
+        c = disk(3, "vm1/sub/c.raw", 3 * BS)  # new, sent without comparison
+        hdr = dataclasses.replace(header("vm1", 2, a, b, c, d), full_sync={b.disk_id: None, d.disk_id: None})
+        model.files[d.path] = bytearray(d.size)  # d is rebuilt from zeros
+        writes = [(0, 2, rand(BS, 2)), (1, 0, rand(BS, 3)), (1, 1, None), (1, 5, rand(7, 4)),
+                  (2, 2, rand(BS, 5)), (3, 3, rand(BS, 6))]
+        server.env = {"VRFS_TEST_CRASH": "committed"}
+        server.start()
+        link = await connect(server)
+        with pytest.raises(LinkError):
+            await send(link, model, hdr, writes)
+        assert server.wait() == -9
+        journal = store / ".vrfs/journal/hv1/vm1"
+        assert (journal / "commit.json").exists()
+        assert json.loads((journal / "commit.json").read_bytes())["direct"] == sorted(
+            x.disk_id.hex() for x in (b, c, d))
+        # Only a's block was journaled; the others were written once, into their replicas-to-be.
+        assert (journal / "blocks").stat().st_size == BATCH_RECORD.size + BS
+        assert {p.name for p in (journal / "direct").iterdir()} == {x.disk_id.hex() for x in (b, c, d)}
+        assert (journal / "direct" / b.disk_id.hex()).stat().st_size == b.size
+        assert_replica(store, point1)  # nothing visible before apply: still the first point
+
+        # Each rename into place is followed by a kill; every restart redoes the rest.
+        kills = 0
+        for _ in range(5):
+            server.env = {"VRFS_TEST_CRASH": "direct-placed"}
+            try:
+                server.start()
+                break
+            except RuntimeError:
+                assert server.wait() == -9
+                kills += 1
+        assert kills == 3
+        assert_replica(store, model)
+        assert not journal.exists()
+        link = await connect(server)
+        assert link.points == {"vm1": 2}
+        await link.aclose()
+    finally:
+        server.stop()
+
+
+async def test_kill_while_staging_whole_keeps_previous_point(tmp_path: Path, store: Path) -> None:
+    server = Server(f"dir:{store}", tmp_path / "serve.log")
+    model = Model()
+    a = disk(1, "vm1/a.raw", 4 * BS)
+    try:
+        server.start()
+        link = await connect(server)
+        await send(link, model, header("vm1", 1, a), [(0, 1, rand(BS, 1))])
+        await link.aclose()
+        server.stop()
+        server.env = {"VRFS_TEST_CRASH": "staging"}
+        server.start()
+        link = await connect(server)
+        b = disk(2, "vm1/b.raw", 96 * BS)
+        hdr = dataclasses.replace(header("vm1", 2, a, b), full_sync={b.disk_id: None})
+        with pytest.raises(LinkError):  # several batches: the receiver dies after staging the first
+            await link.send_cycle(hdr, aiter_blocks([(1, i, rand(BS, 100 + i)) for i in range(96)]))
+        assert server.wait() == -9
+        assert list((store / ".vrfs/journal/hv1/vm1/direct").iterdir())  # died with b half staged
+        server.env = {}
+        server.start()
+        assert_replica(store, model)
+        assert "discarded uncommitted staging of hv1/vm1" in server.log()
+        assert not (store / ".vrfs/journal/hv1/vm1").exists()
+        link = await connect(server)
+        assert link.points == {"vm1": 1}
+        await link.aclose()
+    finally:
+        server.stop()
+
+
+def test_direct_disks_are_new_or_rebuilt_from_zeros_and_few(tmp_path: Path) -> None:
+    from vrfs.store.dirstore import DirStore
+    from vrfs.store.devstore import DevStore
+
+    st = DirStore(f"dir:{tmp_path}", tmp_path)
+    disks = [disk(n, f"vm1/d{n}.raw", n * BS) for n in range(1, 13)]
+    hdr = dataclasses.replace(header("vm1", 1, *disks), full_sync={disks[0].disk_id: None,
+                                                                    disks[11].disk_id: "seed:1.2.3@0"})
+    # Compared with a seed: built on it, so journaled; the 8 largest of the others.
+    assert sorted(st.direct_disks("hv1", hdr)) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert DevStore.stages_direct is False

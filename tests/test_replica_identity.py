@@ -182,7 +182,10 @@ def test_store_full_during_apply_is_reported_and_recovers(tmp_path, mount_factor
     site.serve().start_mount()
     (site.mnt / "vm1").mkdir()
     write_random(site.mnt / "vm1/a.raw", 4 * MiB, 7)
-    site.wait_in_sync("vm1/a.raw")
+    # b.raw exists at the DR site before it grows: its blocks are journaled
+    # and then applied (a disk new to the store would be staged whole, written once).
+    write_random(site.mnt / "vm1/b.raw", 64 << 10, 6)
+    site.wait_in_sync("vm1/a.raw", "vm1/b.raw")
 
     # Leave room for staging a 12 MiB cycle, not for staging and applying it.
     free = os.statvfs(fs).f_bavail * os.statvfs(fs).f_frsize
@@ -227,10 +230,13 @@ def test_unappliable_cycle_is_reported_for_its_group_and_dropped_with_its_disk(
     (m / "vm2").mkdir()
     write_random(m / "vm1/a.raw", MiB, 9)
     write_random(m / "vm2/b.raw", MiB, 10)
-    st = site.wait_in_sync("vm1/a.raw", "vm2/b.raw")
+    # huge.raw is at the DR site before it grows: a disk new to the store
+    # would be staged whole, and too large a one refused before its commit.
+    write_random(m / "vm1/huge.raw", MiB, 11)
+    st = site.wait_in_sync("vm1/a.raw", "vm2/b.raw", "vm1/huge.raw")
 
     # Legal at the source, too large for the store's file system: EFBIG at apply.
-    with open(m / "vm1/huge.raw", "wb") as f:
+    with open(m / "vm1/huge.raw", "r+b") as f:
         f.truncate(32 << 30)
         f.seek(20 << 30)
         f.write(b"far away")

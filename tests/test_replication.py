@@ -197,7 +197,7 @@ def test_seeded_full_sync_sends_only_the_differences(tmp_path, mount_factory, st
     assert "full sync" in s.mount.log()
 
 
-def test_unseeded_full_sync_sends_compressed_nonzero_data(tmp_path, mount_factory, stack) -> None:
+def test_unseeded_full_sync_sends_only_nonzero_data(tmp_path, mount_factory, stack) -> None:
     size = 64 * MiB
     content = realistic(size, random.Random(8))
     s = Site(tmp_path, mount_factory, stack)
@@ -205,9 +205,13 @@ def test_unseeded_full_sync_sends_compressed_nonzero_data(tmp_path, mount_factor
     (s.src / "vm1/disk.raw").write_bytes(content)
     s.serve().start_mount()
     st = s.wait_in_sync("vm1/disk.raw", timeout=60)["vm1/disk.raw"]
+    # Between all of it compressed and all of it raw: how hard each batch is
+    # compressed depends on the link's measured rate (vrfs/compression.py),
+    # and loopback drains faster than zstd compresses. Zero blocks cost a
+    # record each (15 bytes), frames 20 bytes each.
+    nonzero = sum(BS for off in range(0, size, BS) if any(content[off:off + BS]))
     expect = compressed_nonzero(content)
-    # Zero blocks cost a record each (15 bytes), frames 20 bytes each.
-    assert 0.9 * expect <= st["bytes_sent"] <= 1.1 * expect + 64 * 1024, (st["bytes_sent"], expect)
+    assert 0.9 * expect <= st["bytes_sent"] <= nonzero + 64 * 1024, (st["bytes_sent"], expect, nonzero)
     assert hashlib.sha256(content).hexdigest() == sha(s.replica("vm1/disk.raw"))
     # Zero blocks became holes at the DR site.
     zero_blocks = sum(1 for off in range(0, size, BS) if not any(content[off:off + BS]))

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the datastore already uses); "
                         "fixed for a datastore once its state exists")
     m.add_argument("--compress-level", metavar="N", type=int, default=1,
-                   help="zstd level for shipped blocks, 1-19 (default: 1)")
+                   help="the hardest zstd level for shipped blocks, 1-19 (default: 1): each batch goes "
+                        "raw or at the level that the measured link and compression rates favour, up to this")
     m.add_argument("--congestion", choices=("cubic", "bbr", "reno"), default="cubic",
                    help="TCP congestion control of the link (default: cubic; bbr suits long fat links)")
     m.add_argument("--bwlimit", metavar="RATE|SCHEDULE",

@@ -21,10 +21,12 @@ import xxhash
 from vrfs import __version__
 from vrfs.bitmap import Bitmap
 from vrfs.bwlimit import RateLimitedStream, TokenBucket
+from vrfs.compression import CompressionPolicy
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.tls import Authenticated, ClientTls, close
 from vrfs.trust import TrustError
 from vrfs.wire import (
+    FEATURE_RAW_BATCH,
     MAX_BATCH_RECORDS,
     EncodedBatch,
     FrameStream,
@@ -197,13 +199,19 @@ class _Pending:
 
 class Link:
     def __init__(self, frames: FrameStream, store_id: str, points: dict[str, int], zstd_level: int,
-                 resync: dict[str, set[bytes]] | None = None, security: Authenticated | None = None):
+                 resync: dict[str, set[bytes]] | None = None, security: Authenticated | None = None,
+                 features: frozenset[str] = frozenset()):
         self._frames = frames
         self.security = security or Authenticated(insecure=True)
         self.store_id = store_id
         self.points = points
         self.resync = resync or {}  # group -> disks whose replica the receiver found missing or damaged
-        self.zstd_level = zstd_level
+        self.zstd_level = zstd_level  # the ceiling: batches go at this level or cheaper (vrfs/compression.py)
+        self.features = features  # what the receiver offers beyond the base protocol (WELCOME)
+        # Compressors run beside the trio thread that feeds the socket (and
+        # encrypts): on a machine of n cores, at most n - 1 of them compress at full speed.
+        compressors = min(int(frames.limiter.total_tokens), max(1, (os.cpu_count() or 1) - 1))
+        self.compression = CompressionPolicy(zstd_level, compressors, raw_allowed=FEATURE_RAW_BATCH in features)
         self._lock = trio.Lock()
         self._broken: str | None = None
 
@@ -245,6 +253,9 @@ class Link:
                 if not isinstance(raw_resync, dict):
                     raise ProtocolError("bad resync in WELCOME")
                 resync = {check_name(g, "group"): disk_ids(ids) for g, ids in raw_resync.items()}
+                raw_features = welcome.get("features", [])
+                features = frozenset(f for f in raw_features if isinstance(f, str)) \
+                    if isinstance(raw_features, list) else frozenset()
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, ProtocolError, TrustError) as exc:
             if stream is not None:
                 await close(stream)
@@ -252,7 +263,7 @@ class Link:
             if tls.dir is None and isinstance(exc, (ProtocolError, trio.BrokenResourceError)):
                 why += " (this source runs with --insecure: does the receiver require TLS?)"
             raise LinkError(f"cannot connect to {host}:{port}: {why}") from exc
-        return cls(frames, store_id, points, zstd_level, resync, security)
+        return cls(frames, store_id, points, zstd_level, resync, security, features)
 
     @property
     def bytes_sent(self) -> int:
@@ -398,8 +409,16 @@ class Link:
         count = 0
         send_queue, ordered = trio.open_memory_channel[_Pending](PIPELINE_DEPTH)
 
+        policy = self.compression
+        skip_incompressible = FEATURE_RAW_BATCH in self.features
+
         async def encode(pending: _Pending, batch: list[tuple[int, int, bytes | None]]) -> None:
-            pending.batch = await trio.to_thread.run_sync(encode_batch, batch, self.zstd_level, limiter=frames.limiter)
+            # The level is chosen per batch from what the earlier ones measured.
+            encoded = await trio.to_thread.run_sync(encode_batch, batch, policy.choose(), skip_incompressible,
+                                                    limiter=frames.limiter)
+            policy.encoded(encoded.level, encoded.raw_bytes, encoded.body_bytes, encoded.seconds,
+                           encoded.sample_ratio)
+            pending.batch = encoded
             pending.done.set()
 
         async def sender() -> None:
@@ -410,7 +429,9 @@ class Link:
                     assert pending.batch is not None
                     manifest.update(pending.batch.manifest)
                     count += pending.batch.count
+                    started = trio.current_time()
                     await frames.send_raw(pending.batch.frame)
+                    policy.sent(len(pending.batch.frame), trio.current_time() - started)
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)

@@ -19,7 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__, admission
-from vrfs.cycle import CycleHeader
+from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
 from vrfs.store.base import ApplyFailed, Diverged, Fenced, Refusal, hash_blocks
@@ -27,7 +27,9 @@ from vrfs.store.journal import Journal
 from vrfs.testhooks import crash_point
 from vrfs.tls import close
 from vrfs.wire import (
+    FEATURE_RAW_BATCH,
     MAX_HASHES_PER_FRAME,
+    DecodedBatch,
     Frame,
     FrameStream,
     MsgType,
@@ -160,7 +162,7 @@ class Receiver:
         points, resync = await self._run(self._inventory, source)
         await frames.send_control(MsgType.WELCOME, {
             "store_id": self.store.store_id, "points": points, "software": f"vrfs {__version__}",
-            "resync": resync})
+            "resync": resync, "features": [FEATURE_RAW_BATCH]})
         log.info("%s: source %r connected", peer, source)
         while True:
             frame = await frames.receive()
@@ -257,13 +259,17 @@ class Receiver:
         self._hold(key)
         try:
             try:
-                await self._run(self._prepare, source, header)
+                direct = await self._run(self._prepare, source, header)
             except (Refusal, OSError, StoreError) as exc:
                 await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
                 return
+            journal = None
             try:
                 journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
+                await self._run(journal.start_direct, direct)  # EFBIG: a new disk too large for the store
             except OSError as exc:  # no room for even an empty journal: this group waits, the link stays
+                if journal is not None:
+                    await self._run(journal.discard)
                 await self._refuse(frames, peer, source, header,
                                    Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
                                    drain=True)
@@ -271,12 +277,12 @@ class Receiver:
             committed = False
             try:
                 try:
-                    await self._stage(frames, header, journal, key)
+                    await self._stage(frames, header, journal, key, frozenset(direct))
                 except OSError as exc:  # the store's own trouble (ENOSPC, EIO), not the peer's
                     await self._run(journal.discard)
                     await self._refuse(frames, peer, source, header,
                                        Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
-                                       drain=True)
+                                       drain=False)  # _stage read the cycle to its end
                     return
                 committed = True
                 crash_point("committed")
@@ -298,9 +304,10 @@ class Receiver:
         await frames.send_control(MsgType.COMMITTED, {"group": header.group, "cycle_id": state.cycle_id})
         log.info("%s: %s/%s at point %d (%d disks)", peer, source, header.group, state.cycle_id, len(state.disks))
 
-    def _prepare(self, source: str, header: CycleHeader) -> None:
+    def _prepare(self, source: str, header: CycleHeader) -> dict[int, DiskEntry]:
         """Before anything is staged: finish the group's committed journal, and
-        check that the cycle is newer than its point and fits the store."""
+        check that the cycle is newer than its point and fits the store.
+        Returns the disks to stage whole (Store.direct_disks)."""
         old = self.store.load_group(source, header.group)
         if old is not None and old.fenced is not None:
             raise Fenced(f"group {header.group!r} is fenced: {old.fenced.get('reason', 'failed over')}; "
@@ -311,6 +318,7 @@ class Receiver:
             raise Refusal(f"cycle {header.cycle_id} of {header.group!r} is not newer than the committed "
                           f"point {old.cycle_id}")
         self.store.check_cycle(source, header, old)
+        return self.store.direct_disks(source, header)
 
     def _settle_before(self, source: str, header: CycleHeader) -> None:
         """A committed journal left by a failed apply goes in before anything newer.
@@ -357,24 +365,61 @@ class Receiver:
             "fenced": isinstance(refusal, Fenced), "diverged": isinstance(refusal, Diverged)})
 
     async def _stage(self, frames: FrameStream, header: CycleHeader, journal: Journal,
-                     key: tuple[str, str] = ("", "")) -> None:
-        """Receive the cycle's batches into the journal and commit it once the manifest checks out."""
+                     key: tuple[str, str] = ("", ""), direct: frozenset[int] = frozenset()) -> None:
+        """Receive the cycle's batches into the journal (the disks in
+        ``direct`` into their replicas-to-be) and commit it once the manifest checks out."""
         # A hostile peer must not fill the store: no cycle holds more blocks than its disks have.
         limit = sum(d.block_count for d in header.disks)
         manifest = xxhash.xxh3_64()
         count = 0
-        while True:
-            frame = await _next_in_cycle(frames)
-            if frame.type == MsgType.CYCLE_END:
-                break
-            self.bytes_received[key] = self.bytes_received.get(key, 0) + len(frame.payload)
-            batch = await self._run(decode_batch, frame.payload, header.disks)
-            count += batch.count
-            if count > limit:
-                raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
-            await self._run(journal.append, batch.journal)
-            manifest.update(batch.manifest)
-            crash_point("staging")
+        # The next frame is received (and decrypted) while the previous one is
+        # decoded and written: at most two batches in memory.
+        # A failure to store (the peer's bad batch, the store's ENOSPC) stops
+        # the reader between frames, never inside one: after a refusal the
+        # rest of the cycle is drained from a stream still in step.
+        to_store, batches = trio.open_memory_channel[Frame](0)
+        failure: ProtocolError | OSError | None = None
+
+        async def store() -> None:
+            nonlocal count, failure
+            async with batches:
+                async for batch_frame in batches:
+                    if failure is not None:
+                        continue
+                    try:
+                        batch = await self._run(decode_batch, batch_frame.payload, header.disks,
+                                                batch_frame.flags, direct)
+                        count += batch.count
+                        if count > limit:
+                            raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
+                        await self._run(_write_batch, journal, batch)
+                    except (ProtocolError, OSError) as exc:
+                        failure = exc
+                        continue
+                    manifest.update(batch.manifest)
+                    crash_point("staging")
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store)
+                async with to_store:
+                    while failure is None:
+                        frame = await _next_in_cycle(frames)
+                        if frame.type == MsgType.CYCLE_END:
+                            break
+                        self.bytes_received[key] = self.bytes_received.get(key, 0) + len(frame.payload)
+                        await to_store.send(frame)
+        except BaseExceptionGroup as group:  # the one failure that mattered, not the group
+            raise _first_failure(group) from None
+        if failure is not None:
+            if isinstance(failure, OSError):
+                # The store's own trouble refuses this cycle alone: its staging
+                # goes at once, and the rest of it is read and dropped here, so
+                # the stream is at a cycle's end whichever frame the reader had reached.
+                await self._run(journal.discard)
+                if frame.type != MsgType.CYCLE_END:
+                    await _drain_cycle(frames)
+            raise failure
         end = decode_control(frame.payload)
         declared = int_field(end, "blocks", 0, 1 << 62)
         if declared != count:
@@ -382,6 +427,24 @@ class Receiver:
         if field(end, "manifest", str) != manifest.hexdigest():
             raise ProtocolError("manifest hash does not match the blocks received")
         await self._run(journal.commit, header, count, manifest.hexdigest())
+
+
+def _first_failure(group: BaseExceptionGroup) -> BaseException:
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((exc for exc in leaves if not isinstance(exc, trio.Cancelled)), leaves[0])
+
+
+def _write_batch(journal: Journal, batch: DecodedBatch) -> None:
+    if batch.journal:
+        journal.append(batch.journal)
+    journal.write_direct(batch.direct)
 
 
 async def _next_in_cycle(frames: FrameStream) -> Frame:

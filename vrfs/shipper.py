@@ -199,8 +199,9 @@ class Shipper:
         sent_before = link.bytes_sent
         shipped = {d: 0 for d in cut.parts}
         started = time.monotonic()
-        link.zstd_level = min(self.settings.for_disk(d.disk_id, d.path).compression for d in cut.parts) \
-            if cut.parts else self.zstd_level
+        # The group's compression setting is the ceiling of its cycle (vrfs/compression.py).
+        link.compression.set_ceiling(min(self.settings.for_disk(d.disk_id, d.path).compression
+                                          for d in cut.parts) if cut.parts else self.zstd_level)
         flight = self.monitor.begin(cut, cycle_id, link, shipped)
         try:
             await link.send_cycle(header, self._blocks(cut, shipped))
@@ -266,16 +267,18 @@ class Shipper:
             bs = disk.block_size
             limit = (part.size + bs - 1) // bs
             wanted = [i for i in part.bits if i < limit]
+            runs = []  # (first block, count): a run of consecutive blocks is one pread
             pos = 0
             while pos < len(wanted):
-                # A run of consecutive blocks is one pread.
                 run_end = pos + 1
                 while (run_end < len(wanted) and wanted[run_end] == wanted[run_end - 1] + 1
                        and (run_end - pos) * bs < READ_CHUNK):
                     run_end += 1
-                first = wanted[pos]
-                count = run_end - pos
-                data = await trio.to_thread.run_sync(os.pread, part.fd, count * bs, first * bs,
+                runs.append((wanted[pos], run_end - pos))
+                pos = run_end
+            for r, (first, count) in enumerate(runs):
+                following = (runs[r + 1][0] * bs, runs[r + 1][1] * bs) if r + 1 < len(runs) else None
+                data = await trio.to_thread.run_sync(_pread_ahead, part.fd, count * bs, first * bs, following,
                                                      limiter=self.limiter)
                 for k in range(count):
                     i = first + k
@@ -283,7 +286,6 @@ class Shipper:
                     block = block[:max(0, min(bs, part.size - i * bs))]
                     shipped[disk] += len(block)
                     yield index, i, block
-                pos = run_end
 
     # --------------------------------------------------------- full sync
 
@@ -467,3 +469,15 @@ class Shipper:
 
     def _save_peer(self) -> None:
         write_atomically(self.vrfs_fd, PEER_FILE, json.dumps({"store_id": self.store_id}).encode())
+
+
+def _pread_ahead(fd: int, length: int, offset: int, following: tuple[int, int] | None) -> bytes:
+    """Read a run of blocks, and have the kernel start reading the next run
+    (offset, length) meanwhile, so that the next pread finds it cached."""
+    data = os.pread(fd, length, offset)
+    if following is not None:
+        try:
+            os.posix_fadvise(fd, following[0], following[1], os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+    return data

@@ -31,9 +31,11 @@ from vrfs.retention import Policy
 from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
 from vrfs.store.points import PointStore
-from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json
+from vrfs.testhooks import crash_point
+from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json, is_zero
 
 HASH_READ = 8 << 20
+MAX_DIRECT_DISKS = 8  # disks of one cycle staged whole (an open file each while it stages)
 CONTROL_FILE = "control"  # in the state directory: the control socket of the `vrfs serve` running on it
 
 
@@ -365,10 +367,24 @@ class Store(ABC):
             # A redo must not move or copy again: blocks written after this
             # point would be copied along (a device store copies on rename).
             atomic_write(journal.path / Journal.MOVED_IN, b"")
+        direct = journal.direct()
+        for disk in header.disks:
+            if disk.disk_id in direct and disk.disk_id not in skip:
+                # Staged whole: the replica-to-be takes the disk's name (a
+                # redo finds it already gone from the journal, and in place).
+                staged = journal.direct_path(disk.disk_id)
+                try:
+                    if os.path.lexists(staged):
+                        self.place_direct(source, disk, staged)
+                        crash_point("direct-placed")
+                    elif self.replica_damage(source, disk):
+                        raise FileNotFoundError(errno.ENOENT, f"its staged replica {staged} is gone")
+                except OSError as exc:
+                    raise ApplyFailed(disk, exc) from exc
         fds: list[int | None] = []
         try:
             for disk in header.disks:
-                if disk.disk_id in skip:
+                if disk.disk_id in skip or disk.disk_id in direct:
                     fds.append(None)
                     continue
                 fresh = disk.disk_id in header.full_sync and header.full_sync[disk.disk_id] is None
@@ -464,6 +480,38 @@ class Store(ABC):
 
     def replica_path(self, source: str, path: str) -> Path:
         raise StoreError(f"{self.url}: this store cannot keep older points")
+
+    # --- disks staged whole (journal.py: direct/) -----------------------------
+
+    stages_direct = False  # whether this backend can take a replica staged whole (place_direct)
+
+    def direct_disks(self, source: str, header: CycleHeader) -> dict[int, DiskEntry]:
+        """The disks of a cycle (by index) that can be staged whole, straight
+        into a replica-to-be in the journal: those whose content before this
+        cycle no committed point needs from their new replica, because the
+        cycle builds them from zeros (a full sync that found no copy, a disk
+        new to the store sent without comparison, which check_cycle let
+        land only where nothing is). Their blocks are written once; apply
+        renames the file into place. Called after check_cycle, with the group held."""
+        if not self.stages_direct:
+            return {}
+        old = self.load_group(source, header.group)
+        old_ids = {d.disk_id for d in old.disks} if old else set()
+        out = {}
+        for index, disk in enumerate(header.disks):
+            if disk.disk_id in header.full_sync:
+                if header.full_sync[disk.disk_id] is None:
+                    out[index] = disk
+            elif disk.disk_id not in old_ids:
+                out[index] = disk
+        # Each is an open file while the cycle stages: the largest few, so that
+        # a group of thousands of small files does not run out of descriptors.
+        largest = sorted(out, key=lambda i: -out[i].size)[:MAX_DIRECT_DISKS]
+        return {i: out[i] for i in sorted(largest)}
+
+    def place_direct(self, source: str, disk: DiskEntry, staged: Path) -> None:
+        """Give a replica staged whole its disk's name (replacing what is there)."""
+        raise StoreError(f"{self.url}: this store does not stage replicas whole")
 
     # --- what a backend provides ---------------------------------------------
 
@@ -579,5 +627,5 @@ def hash_blocks(copy: Copy, block_size: int, first: int, count: int) -> list[byt
         data = os.pread(copy.fd, length, offset)
         if len(data) < length:  # the copy is shorter than it claims: the rest reads as zeros
             data += bytes(length - len(data))
-        out.append(None if data.count(0) == len(data) else xxhash.xxh3_128_digest(data))
+        out.append(None if is_zero(data) else xxhash.xxh3_128_digest(data))
     return out
