@@ -399,25 +399,34 @@ class Receiver:
                     manifest.update(batch.manifest)
                     crash_point("staging")
 
+        # What went wrong with a later frame (the stream ended, garbage) is
+        # reported only if every earlier batch stored well: the first fault wins.
+        reader_error: ProtocolError | None = None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store)
                 async with to_store:
                     while failure is None:
-                        frame = await _next_in_cycle(frames)
+                        try:
+                            frame = await _next_in_cycle(frames)
+                        except ProtocolError as exc:
+                            reader_error = exc
+                            break
                         if frame.type == MsgType.CYCLE_END:
                             break
                         self.bytes_received[key] = self.bytes_received.get(key, 0) + len(frame.payload)
                         await to_store.send(frame)
         except BaseExceptionGroup as group:  # the one failure that mattered, not the group
             raise _first_failure(group) from None
+        if failure is None and reader_error is not None:
+            raise reader_error
         if failure is not None:
             if isinstance(failure, OSError):
                 # The store's own trouble refuses this cycle alone: its staging
                 # goes at once, and the rest of it is read and dropped here, so
                 # the stream is at a cycle's end whichever frame the reader had reached.
                 await self._run(journal.discard)
-                if frame.type != MsgType.CYCLE_END:
+                if reader_error is None and frame.type != MsgType.CYCLE_END:
                     await _drain_cycle(frames)
             raise failure
         end = decode_control(frame.payload)
