@@ -54,6 +54,7 @@ CLEAR_FRACTION = 0.25
 # TCP keepalive of accepted sockets: a peer that vanished (no FIN, no RST) is
 # noticed after about KEEPIDLE + KEEPINTVL * KEEPCNT seconds instead of hours.
 KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 15, 4
+RECEIVE_SIZE = 256 << 10  # bytes a receive takes from the socket when the reader sets no bound
 QUIET_WINDOW = 60.0
 QUIET_LINES = 10  # log lines per window for connections still in their handshake
 
@@ -183,7 +184,9 @@ class AdmittedStream(trio.abc.HalfCloseableStream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         self.slot.waiting_since = time.monotonic()
         try:
-            return await self.transport.receive_some(max_bytes)
+            # TLS reads with no bound: take what the socket has, up to 256 KiB
+            # (trio's default is 64 KiB), so that bulk data costs fewer reads.
+            return await self.transport.receive_some(max_bytes or RECEIVE_SIZE)
         finally:
             self.slot.waiting_since = None
 

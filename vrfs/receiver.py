@@ -500,7 +500,7 @@ async def _send_error(frames: FrameStream, message: str) -> None:
 
 def peer_name(stream: trio.abc.Stream) -> str:
     """host:port of the peer, for log lines."""
-    while isinstance(stream, trio.SSLStream):
+    while hasattr(stream, "transport_stream"):  # TLS (vrfs/tls.py) over the socket
         stream = stream.transport_stream
     try:
         host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]

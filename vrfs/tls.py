@@ -32,6 +32,55 @@ CLOSE_TIMEOUT = 2.0  # a graceful close (close_notify) waits for a peer that may
 LINGER = 1.0  # after refusing a handshake, how long the alert is given to reach the peer
 
 
+class BulkSSLStream(trio.abc.Stream):
+    """A trio.SSLStream that hands over more than one record per receive.
+
+    trio's SSLStream returns one TLS record (at most 16 KiB) per receive_some,
+    and each call costs more than decrypting the record: on loopback that
+    doubled the wall time of a 2 GiB initial sync against plain TCP. After the
+    awaited call, this also decrypts the records already received, without
+    awaiting, up to max_bytes. (trio.SSLStream cannot be subclassed.)"""
+
+    def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, **kw: object) -> None:
+        self.tls = trio.SSLStream(transport, context, **kw)  # type: ignore[arg-type]
+        self.transport_stream = transport
+
+    async def do_handshake(self) -> None:
+        await self.tls.do_handshake()
+
+    def getpeercert(self, binary_form: bool = False) -> object:
+        return self.tls.getpeercert(binary_form)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.tls.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tls.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.tls.receive_some(max_bytes)
+        if not data or max_bytes is None or len(data) >= max_bytes:
+            return data
+        chunks, total = [data], len(data)
+        # trio's own SSLObject; reading from it between trio's calls is what
+        # trio does itself, and a record that needs a reply (a key update)
+        # leaves it in the outgoing buffer for trio's next call to send.
+        ssl_object = self.tls._ssl_object
+        while total < max_bytes:
+            try:
+                more = ssl_object.read(max_bytes - total)
+            except ssl.SSLError:  # nothing more received (want read), or an error the next call raises
+                break
+            if not more:
+                break
+            chunks.append(more)
+            total += len(more)
+        return b"".join(chunks) if len(chunks) > 1 else data
+
+    async def aclose(self) -> None:
+        await self.tls.aclose()
+
+
 @dataclass(frozen=True)
 class Authenticated:
     """What the handshake proved about the receiver, for `vrfs status`."""
@@ -58,9 +107,9 @@ class ClientTls:
         Raises TrustError (not pinned, expired) or the transport's errors."""
         if self.dir is None:
             return stream, Authenticated(insecure=True)
-        tls = trio.SSLStream(stream, self.dir.client_context(), server_hostname=None)
+        tls = BulkSSLStream(stream, self.dir.client_context(), server_hostname=None)
         await tls.do_handshake()
-        pin = self.dir.check_receiver(tls.getpeercert(binary_form=True))
+        pin = self.dir.check_receiver(tls.tls.getpeercert(binary_form=True))
         return tls, Authenticated(insecure=False, pinned_as=pin.name, fingerprint=pin.fingerprint)
 
     def explain(self, exc: BaseException, handshook: bool) -> str | None:
@@ -194,7 +243,7 @@ class ServerTls:
             await _linger(stream)
             return None
         try:
-            tls = trio.SSLStream(stream, self.context(), server_side=True)
+            tls = BulkSSLStream(stream, self.context(), server_side=True)
             await tls.do_handshake()
         except TrustError as exc:
             log.error("%s: refused: %s", peer, exc)
@@ -203,7 +252,7 @@ class ServerTls:
             log.warning("%s: refused in the TLS handshake: %s", peer, _reason(exc))
             await _linger(stream)
             return None
-        fp = fingerprint(tls.getpeercert(binary_form=True) or b"")
+        fp = fingerprint(tls.tls.getpeercert(binary_form=True) or b"")
         try:
             names = self.names_of(fp)
         except TrustError as exc:
@@ -272,5 +321,5 @@ async def close(stream: trio.abc.AsyncResource) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):
             await stream.aclose()
             return
-        if isinstance(stream, trio.SSLStream):
+        if isinstance(stream, (trio.SSLStream, BulkSSLStream)):
             await stream.transport_stream.aclose()
