@@ -19,6 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__
+from vrfs.nursery import first_failure
 from vrfs.bitmap import Bitmap
 from vrfs.bwlimit import RateLimitedStream, TokenBucket
 from vrfs.compression import CompressionPolicy
@@ -377,7 +378,7 @@ class Link:
         try:
             count, manifest = await self._stream_blocks(header, blocks)
         except BaseExceptionGroup as group:  # report the one failure that mattered, not the group
-            raise _first_leaf(group) from None
+            raise first_failure(group) from None
         await frames.send_control(MsgType.CYCLE_END, {"blocks": count, "manifest": manifest})
         with trio.fail_after(REPLY_TIMEOUT):
             frame = await frames.receive_expect(MsgType.COMMITTED, MsgType.CYCLE_REFUSED, MsgType.ERROR)
@@ -468,21 +469,6 @@ def _check_buffer(sock: trio.socket.SocketType, granted: int, rate: float | None
         log.warning("the send buffer (%.1f MiB) is smaller than the bandwidth-delay product (%.1f MiB): "
                     "raise net.core.wmem_max or run as root, or the link will not be full",
                     granted / (1 << 20), bdp / (1 << 20))
-
-
-def _first_leaf(group: BaseExceptionGroup) -> BaseException:
-    leaves = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    for exc in leaves:
-        if not isinstance(exc, trio.Cancelled):
-            return exc
-    return leaves[0]
 
 
 def _check_block(header: CycleHeader, disk_index: int, block_index: int, data: bytes | None) -> None:

@@ -19,6 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__, admission
+from vrfs.nursery import first_failure
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.cycle import MAX_DISKS_PER_GROUP
 from vrfs.store import Store, StoreError
@@ -417,7 +418,7 @@ class Receiver:
                         self.bytes_received[key] = self.bytes_received.get(key, 0) + len(frame.payload)
                         await to_store.send(frame)
         except BaseExceptionGroup as group:  # the one failure that mattered, not the group
-            raise _first_failure(group) from None
+            raise first_failure(group) from None
         if failure is None and reader_error is not None:
             raise reader_error
         if failure is not None:
@@ -436,18 +437,6 @@ class Receiver:
         if field(end, "manifest", str) != manifest.hexdigest():
             raise ProtocolError("manifest hash does not match the blocks received")
         await self._run(journal.commit, header, count, manifest.hexdigest())
-
-
-def _first_failure(group: BaseExceptionGroup) -> BaseException:
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            stack.extend(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return next((exc for exc in leaves if not isinstance(exc, trio.Cancelled)), leaves[0])
 
 
 def _write_batch(journal: Journal, batch: DecodedBatch) -> None:
