@@ -81,13 +81,7 @@ class Relay:
             raise RuntimeError(f"relay did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        end_process(self.proc)
 
 
 @dataclass
@@ -211,10 +205,15 @@ class RsyncDaemon:
         return time.monotonic() - started
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        end_process(self.proc)
+
+
+def end_process(proc: subprocess.Popen) -> None:
+    """SIGTERM by PID, SIGKILL if it does not go within 10 s."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
