@@ -239,3 +239,25 @@ def test_the_scheduler_never_walks_clean_groups() -> None:
         s.next_wake(now + k * 0.01)
     assert calls == 0, calls
     assert sched.RECHECK <= 1.0
+
+
+def test_a_setting_that_cannot_be_saved_is_refused_and_not_in_effect(tmp_path, mount_factory) -> None:
+    """settings.json is written in a worker thread before the setting takes
+    effect: when it cannot be written, setxattr fails and nothing changed."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = mount_factory(src, mnt, "--rpo", "2s")
+    (mnt / "vm1").mkdir()
+    disk = mnt / "vm1" / "a.raw"
+    disk.write_bytes(b"x" * 4096)
+    (src / ".vrfs" / "settings.json").mkdir()  # a rename over it fails
+    with pytest.raises(OSError) as caught:
+        os.setxattr(disk, "user.vrfs.rpo", b"30s")
+    assert caught.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST), caught.value
+    assert attr(disk, "rpo") == "2s"
+    assert "cannot save the setting" in m.log()
+    (src / ".vrfs" / "settings.json").rmdir()
+    os.setxattr(disk, "user.vrfs.rpo", b"30s")
+    assert attr(disk, "rpo") == "30s"
+    assert '"rpo": 30.0' in (src / ".vrfs" / "settings.json").read_text()

@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from vrfs.settings import PARSERS, Settings, format_value
 from vrfs.tracker import Disk
 
@@ -36,6 +38,7 @@ class DiskAttributes:
         self.settings = settings
         self.live = live  # the shipper's view of a disk; None without --peer
         self.on_change = on_change  # a setting changed: the scheduler looks at the disk's group again
+        self._lock = trio.Lock()
 
     def names(self) -> list[str]:
         return [PREFIX + k for k in PARSERS] + ([PREFIX + k for k in LIVE] if self.live else [])
@@ -54,27 +57,39 @@ class DiskAttributes:
             return str(value).encode()
         raise XattrError(errno.ENODATA)
 
-    def set(self, disk: Disk, name: str, value: bytes) -> None:
+    async def set(self, disk: Disk, name: str, value: bytes) -> None:
         key = name[len(PREFIX):]
         if key in LIVE:
             log.warning("%s: %s is read-only (a live value)", disk.path, name)
             raise XattrError(errno.EPERM)
         try:
             text = value.decode("utf-8").strip().rstrip("\0")
-            parsed = self.settings.set(disk.disk_id, key, text)
+            overrides, parsed = self.settings.staged_set(disk.disk_id, key, text)
         except (UnicodeDecodeError, ValueError) as exc:
             log.warning("%s: %s=%r refused: %s", disk.path, name, value[:64], exc)
             raise XattrError(errno.EINVAL) from None
+        await self._persist(disk, overrides)
         log.info("%s: %s set to %s", disk.path, key, format_value(key, parsed))
-        if self.on_change is not None:
-            self.on_change(disk)
 
-    def remove(self, disk: Disk, name: str) -> None:
+    async def remove(self, disk: Disk, name: str) -> None:
         key = name[len(PREFIX):]
         if key in LIVE:
             raise XattrError(errno.EPERM)
-        if key not in PARSERS or not self.settings.clear(disk.disk_id, key):
+        overrides = self.settings.staged_clear(disk.disk_id, key) if key in PARSERS else None
+        if overrides is None:
             raise XattrError(errno.ENODATA)
+        await self._persist(disk, overrides)
         log.info("%s: %s back to %s", disk.path, key, self.settings.for_disk(disk.disk_id, disk.path).where(key))
+
+    async def _persist(self, disk: Disk, overrides: dict[str, dict[str, Any]]) -> None:
+        """Written (fsync) in a worker thread, one change at a time, and in
+        effect only once it is durable: the FUSE loop never waits on the disk."""
+        async with self._lock:
+            try:
+                await trio.to_thread.run_sync(self.settings.persist, overrides)
+            except OSError as exc:
+                log.error("%s: cannot save the setting: %s", disk.path, exc.strerror or exc)
+                raise XattrError(exc.errno or errno.EIO) from None
+            self.settings.adopt(overrides)
         if self.on_change is not None:
             self.on_change(disk)

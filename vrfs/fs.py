@@ -557,7 +557,7 @@ class Datastore(pyfuse3.Operations):
         if sname.startswith(RESERVED_XATTR_PREFIX):
             if (found := self._vrfs_attr(inode, sname)) is None:
                 raise pyfuse3.FUSEError(errno.EPERM)
-            return _xattr_call(found[1].set, found[0], sname, value)
+            return await _xattr_await(found[1].set(found[0], sname, value))
         os.setxattr(self._xattr_path(inode), name, value, follow_symlinks=False)
 
     @_errno_boundary
@@ -573,12 +573,19 @@ class Datastore(pyfuse3.Operations):
         if sname.startswith(RESERVED_XATTR_PREFIX):
             if (found := self._vrfs_attr(inode, sname)) is None:
                 raise pyfuse3.FUSEError(errno.EPERM)
-            return _xattr_call(found[1].remove, found[0], sname)
+            return await _xattr_await(found[1].remove(found[0], sname))
         os.removexattr(self._xattr_path(inode), name, follow_symlinks=False)
 
 
 def _xattr_call(fn, *args):
     try:
         return fn(*args)
+    except XattrError as exc:
+        raise pyfuse3.FUSEError(exc.errno) from None
+
+
+async def _xattr_await(call):
+    try:
+        return await call
     except XattrError as exc:
         raise pyfuse3.FUSEError(exc.errno) from None

@@ -165,37 +165,59 @@ class Settings:
         return DiskSettings(chosen["rpo"], chosen["compression"], chosen["priority"], tuple(origin.items()))
 
     def set(self, disk_id: bytes, key: str, text: str) -> Any:
-        """Set one key on one disk; ValueError (with the reason) when the key or value is bad."""
-        if key not in PARSERS:
-            raise ValueError(f"unknown setting {key!r} (known: {', '.join(sorted(PARSERS))})")
-        value = PARSERS[key](text)
-        self._overrides.setdefault(disk_id.hex(), {})[key] = value
-        self._changed()
+        """Set one key on one disk, written through; ValueError (with the reason)
+        when the key or value is bad. Blocking: the mount uses the staged form."""
+        overrides, value = self.staged_set(disk_id, key, text)
+        self.persist(overrides)
+        self.adopt(overrides)
         return value
 
     def clear(self, disk_id: bytes, key: str) -> bool:
-        own = self._overrides.get(disk_id.hex(), {})
-        if key not in own:
+        overrides = self.staged_clear(disk_id, key)
+        if overrides is None:
             return False
-        del own[key]
-        if not own:
-            del self._overrides[disk_id.hex()]
-        self._changed()
+        self.persist(overrides)
+        self.adopt(overrides)
         return True
 
-    def forget(self, live_ids: "builtins.set[bytes]") -> None:
-        """Drop the overrides of disks that are gone."""
-        stale = set(self._overrides) - {i.hex() for i in live_ids}
-        for key in stale:
-            del self._overrides[key]
-        if stale:
-            self._changed()
+    def staged_set(self, disk_id: bytes, key: str, text: str) -> tuple[dict[str, dict[str, Any]], Any]:
+        """The overrides with one key set, not yet in effect (persist, then adopt)."""
+        if key not in PARSERS:
+            raise ValueError(f"unknown setting {key!r} (known: {', '.join(sorted(PARSERS))})")
+        value = PARSERS[key](text)
+        overrides = {k: dict(v) for k, v in self._overrides.items()}
+        overrides.setdefault(disk_id.hex(), {})[key] = value
+        return overrides, value
 
-    def _changed(self) -> None:
-        self.version += 1
+    def staged_clear(self, disk_id: bytes, key: str) -> dict[str, dict[str, Any]] | None:
+        """The overrides without one key of one disk; None when it is not set."""
+        if key not in self._overrides.get(disk_id.hex(), {}):
+            return None
+        overrides = {k: dict(v) for k, v in self._overrides.items()}
+        del overrides[disk_id.hex()][key]
+        if not overrides[disk_id.hex()]:
+            del overrides[disk_id.hex()]
+        return overrides
+
+    def forget(self, live_ids: "builtins.set[bytes]") -> None:
+        """Drop the overrides of disks that are gone (at mount start)."""
+        live = {i.hex() for i in live_ids}
+        if set(self._overrides) - live:
+            overrides = {k: v for k, v in self._overrides.items() if k in live}
+            self.persist(overrides)
+            self.adopt(overrides)
+
+    def persist(self, overrides: dict[str, dict[str, Any]]) -> None:
+        """Write overrides to settings.json, crash-safely. Blocking (fsync):
+        off the FUSE loop's thread."""
         if self._vrfs_fd is not None:
-            data = json.dumps({"version": 1, "disks": self._overrides}, indent=1, sort_keys=True).encode()
+            data = json.dumps({"version": 1, "disks": overrides}, indent=1, sort_keys=True).encode()
             write_atomically(self._vrfs_fd, SETTINGS_FILE, data)
+
+    def adopt(self, overrides: dict[str, dict[str, Any]]) -> None:
+        """Put persisted overrides in effect."""
+        self._overrides = overrides
+        self.version += 1
 
     def _load(self) -> dict[str, dict[str, Any]]:
         if self._vrfs_fd is None:

@@ -107,9 +107,12 @@ class ClientTls:
         Raises TrustError (not pinned, expired) or the transport's errors."""
         if self.dir is None:
             return stream, Authenticated(insecure=True)
-        tls = BulkSSLStream(stream, self.dir.client_context(), server_hostname=None)
+        # Key, certificate and pins are files: read in a worker thread, since
+        # the source's loop also serves FUSE.
+        context = await trio.to_thread.run_sync(self.dir.client_context)
+        tls = BulkSSLStream(stream, context, server_hostname=None)
         await tls.do_handshake()
-        pin = self.dir.check_receiver(tls.tls.getpeercert(binary_form=True))
+        pin = await trio.to_thread.run_sync(self.dir.check_receiver, tls.tls.getpeercert(binary_form=True))
         return tls, Authenticated(insecure=False, pinned_as=pin.name, fingerprint=pin.fingerprint)
 
     def explain(self, exc: BaseException, handshook: bool) -> str | None:

@@ -391,9 +391,14 @@ class Tracker:
         self._changed(group_name)
 
     def _changed(self, group_name: str) -> None:
-        """Tell the scheduler, once per transition (never per write)."""
+        """Tell the scheduler, once per transition (never per write). Called
+        from the write path: a fault in the listener must not fail the VM's
+        write, so it is logged and the shipper finds the group at its next pass."""
         if self.change_listener is not None:
-            self.change_listener(group_name)
+            try:
+                self.change_listener(group_name)
+            except Exception:
+                log.exception("%s: the scheduler could not take a change", group_name)
 
     def removed(self, ino: int) -> None:
         """The last name of a disk is gone."""
