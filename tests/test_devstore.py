@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import xxhash
 
+from vrfs.cycle import CycleHeader
 from vrfs.link import CycleRefused, LinkError
 from vrfs.store import store_status
 from vrfs.store.base import StoreError
 from vrfs.store.devstore import parse_map
 
+from mounthelpers import vrfs
 from servehelpers import Model, Server, aiter_blocks, connect, disk, header, losetup, losetup_detach
 
 pytestmark = [
@@ -123,3 +128,77 @@ async def test_dev_store_converges(tmp_path: Path, loops: list[str]) -> None:
             ("vm1/b.raw", BS, 3), ("vm1/c.raw", 6 * BS, 3)]
     finally:
         server.stop()
+
+
+async def test_points_test_failover_and_failover_from_devices(tmp_path: Path, loops: list[str]) -> None:
+    """A dev: store keeps older points as undo data beside its map, and every
+    recovery command reads them: `vrfs points`, test failover (raw and qcow2)
+    of an older point, and failover, each compared with what the source held
+    at the cut; the devices themselves stay at the newest point."""
+    mapfile = tmp_path / "devices.map"
+    mapfile.write_text(f"hv1/vm1/a.raw {loops[0]}\nhv1/vm1/b.raw {loops[1]}\n")
+    server = Server(f"dev:{mapfile}", tmp_path / "serve.log")
+    server.args = ("--retain", "1h:1s")
+    store = f"dev:{mapfile}"
+    model, held = Model(), {}
+    a = disk(1, "vm1/a.raw", 20 * BS + 512)  # over 1 MiB: a qcow2 overlay, not a plain copy
+    b = disk(2, "vm1/b.raw", 3 * BS)
+    now = time.time()
+
+    async def cycle(link, cycle_id: int, disks: tuple, blocks: list) -> None:
+        for d in disks:
+            model.resize(d.path, d.size)
+        for path in list(model.files):
+            if path not in {d.path for d in disks}:
+                del model.files[path]
+        for index, block, data in blocks:
+            d = disks[index]
+            model.write(d.path, block * BS, data if data is not None else bytes(min(BS, d.size - block * BS)))
+        hdr = CycleHeader(group="vm1", cycle_id=cycle_id, cut_time=now - 60 + 2 * cycle_id, disks=disks)
+        await link.send_cycle(hdr, aiter_blocks(blocks))
+        held[cycle_id] = {p: bytes(v) for p, v in model.files.items()}
+
+    try:
+        server.start()
+        link = await connect(server)
+        await cycle(link, 1, (a, b), [(0, i, bytes([65 + i]) * BS) for i in range(20)] + [(1, 0, b"B" * BS)])
+        await cycle(link, 2, (a, b), [(0, 0, None), (0, 7, b"x" * BS), (1, 2, b"b" * BS)])
+        a = disk(1, "vm1/a.raw", 24 * BS)  # grows; b is deleted
+        await cycle(link, 3, (a,), [(0, 7, b"y" * BS), (0, 23, b"z" * BS)])
+        assert device_bytes(loops[0], a.size) == held[3]["vm1/a.raw"]
+
+        points = json.loads(vrfs("points", "--store", store, "hv1/vm1", "--json").stdout)  # through the server
+        assert [p["id"] for p in points] == [1, 2, 3], points
+        assert points[0]["bytes_kept"] > 0
+
+        raw = tmp_path / "tf-raw"
+        out = vrfs("test-failover", "--store", store, "hv1/vm1", "--point", "1", "--to", str(raw),
+                   "--format", "raw").stdout
+        assert "raw image of point 1" in out, out
+        for path, content in held[1].items():
+            assert (raw / path).read_bytes() == content, path
+
+        overlay = tmp_path / "tf-qcow2"
+        vrfs("test-failover", "--store", store, "hv1/vm1", "--point", "2", "--to", str(overlay))
+        for path, content in held[2].items():
+            expected = tmp_path / "expected.raw"
+            expected.write_bytes(content)
+            assert subprocess.run(["qemu-img", "compare", "-q", str(overlay / path), str(expected)]).returncode == 0
+        vrfs("test-failover", "--cleanup", str(overlay))
+        vrfs("test-failover", "--cleanup", str(raw))
+
+        # Failover of the older point: images made from devices plus undo data; the source is fenced.
+        to = tmp_path / "failed-over"
+        out = vrfs("failover", "--store", store, "hv1/vm1", "--point", "2", "--to", str(to)).stdout
+        assert "fenced" in out and "(copy)" in out, out
+        for path, content in held[2].items():
+            assert (to / path).read_bytes() == content, path
+        with pytest.raises(CycleRefused, match="failed over"):
+            await link.send_cycle(header("vm1", 4, a), aiter_blocks([(0, 1, b"late" * (BS // 4))]))
+        assert device_bytes(loops[0], a.size) == held[3]["vm1/a.raw"]
+        await link.aclose()
+    finally:
+        server.stop()
+    # And without a server: the command holds the store itself.
+    points = json.loads(vrfs("points", "--store", store, "hv1/vm1", "--json").stdout)
+    assert [p["id"] for p in points] == [1, 2, 3] and points[-1]["fenced"]

@@ -85,7 +85,10 @@ def test_failover_reprotect_failback_round_trip(tmp_path, mount_factory, stack) 
     write_blocks(b_mnt / "vm1/d1.raw", {3}, rng)
     wait_converged(b, b_dir, a_store / "siteb")
     b.umount()
+    # A's `vrfs serve` still runs on that store: the failover is done by it, through its control socket.
     vrfs("failover", "--store", f"dir:{a_store}", "siteb/vm1", "--to", str(a.src))
+    assert f"failover of siteb/vm1 to {a.src}: done" in back.log(), back.log()[-2000:]
+    back.stop()
     out = vrfs("reprotect", "--datastore", str(b_dir), "--store", a.store_url).stdout
     assert "fence is lifted" in out, out
     a.server.start()

@@ -151,9 +151,7 @@ def test_kept_points_hold_exactly_what_the_source_held(retaining_site: Site, tmp
             assert image_hashes(site, point, tmp_path) == recorded[point], point
 
 
-def test_retain_is_refused_where_it_cannot_work(tmp_path) -> None:
-    result = vrfs("serve", "--store", f"dev:{tmp_path / 'map'}", "--retain", "1h:5m", check=False)
-    assert result.returncode == 2 and "cannot keep older points" in result.stderr
+def test_a_policy_that_does_not_parse_is_refused(tmp_path) -> None:
     result = vrfs("serve", "--store", f"dir:{tmp_path / 's'}", "--retain", "1h", check=False)
     assert result.returncode == 2 and "SPAN:EVERY" in result.stderr
 

@@ -38,7 +38,6 @@ from vrfs.layout import CONFIG_NAME, GENERATIONS_FILE, LINEAGE_FILE, LOCK_NAME, 
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
-from vrfs.store.points import clone
 from vrfs.store.journal import Journal
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
 from vrfs.wire import encode_bitmap
@@ -54,13 +53,10 @@ def list_points(store: Store, source: str | None = None, group: str | None = Non
     for src, grp, state in store.groups():
         if (source and src != source) or (group and grp != group):
             continue
-        for point in store.points.ids(src, grp):
-            if point >= state.cycle_id:
-                continue
-            older = store.points.load(src, grp, point)
-            out.append(_point_entry(src, grp, point, older["cut_time"],
-                                    [(d["path"], d["size"]) for d in older["disks"]],
-                                    store.points.size(src, grp, point), None))
+        for point in store.older_points(src, grp):
+            older = store.point_state(src, grp, point)
+            out.append(_point_entry(src, grp, point, older.cut_time, [(d.path, d.size) for d in older.disks],
+                                    store.point_cost(src, grp, point), None))
         out.append(_point_entry(src, grp, state.cycle_id, state.cut_time,
                                 [(d.path, d.size) for d in state.disks], 0, state.fenced))
     return out
@@ -79,33 +75,19 @@ def _group(store: Store, source: str, group: str, point: int | None) -> GroupSta
         known = sorted(f"{s}/{g}" for s, g, _ in store.groups())
         raise UserError(f"{source}/{group}: no such group in {store.url}"
                         + (f" (it has {', '.join(known)})" if known else " (it holds no group)"))
-    if point is not None and point != state.cycle_id and point not in store.points.ids(source, group):
-        kept = [i for i in store.points.ids(source, group) if i < state.cycle_id] + [state.cycle_id]
+    if point is not None and point != state.cycle_id and point not in store.older_points(source, group):
+        kept = store.older_points(source, group) + [state.cycle_id]
         raise UserError(f"{source}/{group}: no point {point} (the store keeps {', '.join(map(str, kept))})")
     return state
 
 
 def _point_state(store: Store, source: str, group: str, point: int | None) -> GroupState:
-    """The group as of an older retained point (the newest: as it is)."""
-    state = store.load_group(source, group)
-    assert state is not None
-    if point is None or point == state.cycle_id:
+    """The group as of a point (None: the newest)."""
+    if point is None:
+        state = store.load_group(source, group)
+        assert state is not None
         return state
-    older = store.points.load(source, group, point)
-    return GroupState.from_json(older, group)
-
-
-def _write_image(store: DirStore, source: str, group: str, newest: GroupState, point: GroupState,
-                 disk: DiskEntry, dest: Path) -> None:
-    """``disk`` as of ``point`` into ``dest``: a clone (reflink where the file
-    system has it) of the replica, with the blocks changed since put back."""
-    current = newest.by_id().get(disk.disk_id)
-    replica = store.replica(source, current.path) if current is not None else None
-    if point.cycle_id == newest.cycle_id:
-        assert replica is not None  # the newest point's disk is in the newest state
-        clone(replica, dest)
-    else:
-        store.points.materialize(source, group, point.cycle_id, disk, replica, dest)
+    return store.point_state(source, group, point)
 
 
 def _settled(store: Store, source: str, group: str) -> GroupState:
@@ -135,8 +117,8 @@ def _empty_target(to: Path, datastore_ok: bool = False) -> None:
 
 def _dir_store(store: Store) -> DirStore:
     if not isinstance(store, DirStore):
-        raise UserError(f"{store.url}: images can be taken only from a dir: store for now (a dev: store's "
-                        "images are its devices)")
+        raise UserError(f"{store.url}: a reprotect needs a dir: store, whose replicas the old datastore's "
+                        "images become")
     return store
 
 
@@ -152,7 +134,6 @@ def _check_intact(store: Store, source: str, state: GroupState) -> None:
 def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "qcow2",
                   point: int | None = None) -> list[str]:
     """Writable images of the group's point under ``to``; the store is not changed."""
-    dstore = _dir_store(store)
     if fmt not in ("qcow2", "raw"):
         raise UserError(f"bad format {fmt!r}: qcow2 or raw")
     _group(store, source, group, point)
@@ -162,7 +143,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
         raise UserError(f"{source}/{group} is failed over ({state.fenced.get('reason')}); its images are in "
                         f"{state.fenced.get('to')}")
     _check_intact(store, source, state)
-    newest, state = state, _point_state(store, source, group, point)
+    state = _point_state(store, source, group, point)
     to.mkdir(parents=True, exist_ok=True)
     lines = []
     bases = to / ".vrfs-test-bases"
@@ -171,13 +152,13 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
         image.parent.mkdir(parents=True, exist_ok=True)
         started = time.monotonic()
         if fmt == "raw" or disk.size < SMALL_FILE:  # configuration, NVRAM: the VM reads them as they are
-            _write_image(dstore, source, group, newest, state, disk, image)
+            store.export_disk(source, group, state, disk, image)
             lines.append(f"{image}: {'raw image' if fmt == 'raw' else 'copy'} of point {state.cycle_id} "
                          f"({_took(started)})")
             continue
         base = bases / (disk.path + ".point")
         base.parent.mkdir(parents=True, exist_ok=True)
-        _write_image(dstore, source, group, newest, state, disk, base)
+        store.export_disk(source, group, state, disk, base)
         os.chmod(base, 0o444)  # the point itself never changes; the test VM writes the overlay
         backing_format = _image_format(base)
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(image))
@@ -232,8 +213,9 @@ def _qemu_img(*args: str) -> str:
 # ----------------------------------------------------------------- failover
 
 def failover(store: Store, source: str, group: str, to: Path, point: int | None = None) -> list[str]:
-    """Fence the group, then hand its replicas to ``to`` as a datastore."""
-    dstore = _dir_store(store)
+    """Fence the group, then hand its replicas to ``to`` as a datastore: by
+    rename where the store's files can be (a dir: store, the newest point,
+    the same file system), else by copy."""
     state = _group(store, source, group, point)
     if state.fenced and state.fenced.get("done"):
         raise UserError(f"{source}/{group} is already failed over: {state.fenced.get('reason')}")
@@ -258,15 +240,18 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     block_size = {d.block_size for d in state.disks}
     if len(block_size) > 1:
         raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")
-    moved_by = "rename" if state.cycle_id == newest.cycle_id else "copy"
+    by_rename = state.cycle_id == newest.cycle_id and isinstance(store, DirStore)
+    moved_by = "rename" if by_rename else "copy"
     for disk in state.disks:
-        replica, image = dstore.replica(source, disk.path), to / disk.path
+        image = to / disk.path
         image.parent.mkdir(parents=True, exist_ok=True)
-        if state.cycle_id != newest.cycle_id:  # an older point: its images are made, the replicas stay
+        if not by_rename:  # an older point, or devices: its images are made, the replicas stay
             if not image.exists():
-                _write_image(dstore, source, group, newest, state, disk, Path(f"{image}.tmp"))
+                store.export_disk(source, group, state, disk, Path(f"{image}.tmp"))
                 os.replace(f"{image}.tmp", image)
             continue
+        assert isinstance(store, DirStore)
+        replica = store.replica(source, disk.path)
         if image.exists() and not replica.exists():
             continue  # moved by an earlier, interrupted run
         try:
@@ -334,7 +319,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     _remove_empty_dirs(datastore)
     for src, grp, state in store.groups():
         if state.fenced and any(d.disk_id in seeded for d in state.disks):
-            dstore.forget_group(src, grp)
+            store.forget_group(src, grp)
             lines.append(f"{src}/{grp}: its fence is lifted; its disks come back through the seeds")
     if not lines:
         raise UserError(f"{datastore} holds no disk images")

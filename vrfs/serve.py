@@ -20,14 +20,13 @@ from typing import Any
 import trio
 
 from vrfs import admission, control, daemon, recovery
-from vrfs.errors import EXIT_USAGE, UserError
+from vrfs.errors import UserError
 from vrfs.link import tune_socket
 from vrfs.parse import parse_address
 from vrfs.receiver import HANDSHAKE_TIMEOUT, Receiver, peer_name
 from vrfs.retention import format_policy, parse_policy
 from vrfs.store import Store, StoreError, store_from_url
 from vrfs.store.base import CONTROL_FILE
-from vrfs.store.dirstore import DirStore
 from vrfs.tls import ServerTls, close
 from vrfs.trust import TlsDir, TrustError
 from vrfs.wire import ProtocolError, check_name
@@ -43,8 +42,6 @@ def serve_main(args: Any) -> int:
         store = store_from_url(args.store)
     except StoreError as exc:
         raise UserError(str(exc)) from None
-    if policy and not isinstance(store, DirStore):
-        raise UserError(f"--retain: {args.store} cannot keep older points (dir: stores can)", EXIT_USAGE)
     store.policy = policy
     tls = server_tls(args)
     admission.configure(args.max_connections)

@@ -30,7 +30,7 @@ from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.retention import Policy
 from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
-from vrfs.store.points import PointStore
+from vrfs.store.points import PointStore, clone
 from vrfs.testhooks import crash_point
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json, is_zero
 
@@ -478,8 +478,61 @@ class Store(ABC):
         if self.points.ids(source, group):
             self.points.prune(source, group, (state.cycle_id, state.cut_time), self.policy, time.time())
 
+    # --- points, as recovery reads them (vrfs/recovery.py) ------------------
+    #
+    # A point is a group's disks as they were at one cut. The newest is in
+    # the replicas; older ones are the replicas with their undo data put back.
+
+    def older_points(self, source: str, group: str) -> list[int]:
+        """Ids of the group's retained points older than its newest, oldest first."""
+        state = self.load_group(source, group)
+        newest = state.cycle_id if state else 0
+        return [i for i in self.points.ids(source, group) if i < newest]
+
+    def point_state(self, source: str, group: str, point: int) -> GroupState:
+        """The group as of one of its points (the newest: as it is)."""
+        state = self.load_group(source, group)
+        if state is not None and point == state.cycle_id:
+            return state
+        return GroupState.from_json(self.points.load(source, group, point), group)
+
+    def point_cost(self, source: str, group: str, point: int) -> int:
+        """Bytes an older point takes in the store: the blocks changed after it."""
+        return self.points.size(source, group, point)
+
+    def export_disk(self, source: str, group: str, point: GroupState, disk: DiskEntry, dest: Path) -> None:
+        """``disk`` as it was at ``point`` into the new file ``dest``: a copy
+        of its replica (sharing extents where the file system can), with the
+        blocks changed since the point put back."""
+        newest = self.load_group(source, group)
+        current = newest.by_id().get(disk.disk_id) if newest else None
+        if current is not None:
+            self.copy_replica(source, current, dest)
+        else:  # deleted since: the point keeps it whole
+            with open(dest, "wb"):
+                pass
+        if newest is None or point.cycle_id != newest.cycle_id:
+            self.points.apply_undo(source, group, point.cycle_id, disk, dest)
+
+    def delete_point(self, source: str, group: str, point: int) -> None:
+        """Remove an older point; the others keep exactly their content."""
+        self.points.delete(source, group, point)
+
+    def forget_group(self, source: str, group: str) -> None:
+        """Drop what the store knows of a group (a reprotect lifts a failed-over group's fence)."""
+        self._meta_path(source, group).unlink(missing_ok=True)
+        self.points.remove_group(source, group)
+        remove_tree(self.journal_path(source, group))
+
+    # --- where a disk's bytes are, for points ---------------------------------
+
     def replica_path(self, source: str, path: str) -> Path:
+        """What holds the bytes of the replica of ``path`` (a file or a device)."""
         raise StoreError(f"{self.url}: this store cannot keep older points")
+
+    def copy_replica(self, source: str, disk: DiskEntry, dest: Path) -> None:
+        """The replica of ``disk`` into the new file ``dest``."""
+        clone(self.replica_path(source, disk.path), dest)
 
     # --- disks staged whole (journal.py: direct/) -----------------------------
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from vrfs.cycle import BadPath, CycleHeader, DiskEntry, check_path
 from vrfs.store.base import Copy, GroupState, Refusal, Store, StoreError, adoptions, write_all
+from vrfs.store.points import copy_prefix
 from vrfs.wire import ProtocolError, check_name
 
 BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a range, offloaded to the device where it can be
@@ -190,8 +191,27 @@ class DevStore(Store):
                  adopted: dict[bytes, DiskEntry], retain_in: Path | None) -> None:
         # Devices stay where they are; a deleted disk's device is simply no
         # longer used. A new disk that adopts an old disk's replica has it
-        # already: both are the device of the same path.
-        pass
+        # already: both are the device of the same path. An older point keeps
+        # a deleted disk whole: a copy, since another disk may take the
+        # device (a redo copies again; nothing of the cycle is written yet).
+        if retain_in is None:
+            return
+        new = {d.disk_id for d in header.disks}
+        for disk_id, entry in old.items():
+            dev = self.map.get((source, entry.path))
+            if disk_id not in new and dev is not None:
+                self.points.keep_whole(retain_in, disk_id, dev, entry, move=False)
+
+    # --- points ----------------------------------------------------------------
+
+    def replica_path(self, source: str, path: str) -> Path:
+        # The map is the operator's: a device named by a symlink (/dev/vg0/x)
+        # is read through what it names.
+        return Path(os.path.realpath(self.device(source, path)))
+
+    def copy_replica(self, source: str, disk: DiskEntry, dest: Path) -> None:
+        # A device holds the disk in its first disk.size bytes; the rest is not the disk's.
+        copy_prefix(self.replica_path(source, disk.path), dest, disk.size)
 
     def move_in(self, source: str, header: CycleHeader, old: dict[bytes, DiskEntry], limbo: Path) -> None:
         for disk in header.disks:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.store.base import Copy, GroupState, Store, StoreError, data_extents, write_all
-from vrfs.durable import fsync_dir, remove_tree
+from vrfs.durable import fsync_dir
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -115,12 +115,6 @@ class DirStore(Store):
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.rename(seed, dest)
         fsync_dir(dest.parent)
-
-    def forget_group(self, source: str, group: str) -> None:
-        """Drop what the store knows of a group (a reprotect lifts a failed-over group's fence)."""
-        self._meta_path(source, group).unlink(missing_ok=True)
-        self.points.remove_group(source, group)
-        remove_tree(self.journal_path(source, group))
 
     def replica_path(self, source: str, path: str) -> Path:
         return self.replica(source, path)

@@ -28,7 +28,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
 
 from vrfs.bitmap import Bitmap
@@ -39,6 +38,7 @@ from vrfs.testhooks import crash_point
 from vrfs.wire import block_length
 
 FICLONE = 0x40049409  # share a file's extents (XFS, btrfs): a point copied in no time
+COPY_CHUNK = 4 << 20
 
 
 class PointStore:
@@ -112,12 +112,13 @@ class PointStore:
 
     def keep_whole(self, point_dir: Path, disk_id: bytes, replica: Path, entry: DiskEntry, move: bool) -> None:
         """A disk the cycle deletes: the point keeps its whole replica (moved
-        when nothing else needs it, copied when a new disk starts from it)."""
+        when nothing else needs it, copied when a new disk starts from it or
+        when the replica is a device that stays where it is)."""
         dest = point_dir / "undo" / disk_id.hex()
         if move:
             os.replace(replica, dest)
         else:
-            shutil.copyfile(replica, f"{dest}.tmp")
+            copy_prefix(replica, Path(f"{dest}.tmp"), entry.size)
             os.replace(f"{dest}.tmp", dest)
         everything = Bitmap()
         everything.set_range(0, entry.block_count)
@@ -133,16 +134,20 @@ class PointStore:
         keep = retained([(i, c) for i, c in cuts.items()] + [newest], policy, now)
         pruned = []
         for point in ids:
-            if point in keep:
-                continue
-            older = [i for i in self.ids(source, group) if i < point]
-            if older:
-                self._merge(source, group, point, older[-1])
-            crash_point("pruning")
-            remove_tree(self.group_dir(source, group) / str(point))
-            pruned.append(point)
+            if point not in keep:
+                self.delete(source, group, point)
+                pruned.append(point)
         self._remove_stale(source, group)
         return pruned
+
+    def delete(self, source: str, group: str, point: int) -> None:
+        """Remove one retained point without changing any other: its undo
+        blocks that the next older point lacks are merged into that one first."""
+        older = [i for i in self.ids(source, group) if i < point]
+        if older:
+            self._merge(source, group, point, older[-1])
+        crash_point("pruning")
+        remove_tree(self.group_dir(source, group) / str(point))
 
     def _merge(self, source: str, group: str, point: int, into: int) -> None:
         """Blocks of ``point``'s undo that ``into`` lacks go to ``into``."""
@@ -194,17 +199,13 @@ class PointStore:
 
     # --- reading ---------------------------------------------------------------
 
-    def materialize(self, source: str, group: str, point: int, disk: DiskEntry, current: Path | None,
-                    dest: Path) -> None:
-        """Write ``disk`` as of ``point`` to ``dest``: a clone (or copy) of its
-        replica ``current`` (None if the disk was deleted since), overwritten
-        with the undo blocks from the newest retained point down to ``point``."""
-        if current is not None and current.exists():
-            clone(current, dest)
-        else:
-            with open(dest, "wb"):
-                pass
-        fd = os.open(dest, os.O_WRONLY | os.O_CLOEXEC)
+    def apply_undo(self, source: str, group: str, point: int, disk: DiskEntry, image: Path) -> None:
+        """Turn ``image``, a copy of ``disk``'s replica at the group's newest
+        point (empty if the disk was deleted since), into the disk as of the
+        older ``point``: the undo blocks of every retained point from the
+        newest down to ``point`` are written over it, so the earliest
+        before-image after ``point`` wins. Durable on return."""
+        fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
             for undo_point in reversed([i for i in self.ids(source, group) if i >= point]):
                 undo = self.group_dir(source, group) / str(undo_point) / "undo" / disk.disk_id.hex()
@@ -230,7 +231,8 @@ class PointStore:
 
 
 def clone(src: Path, dst: Path) -> None:
-    """A copy of ``src`` sharing its extents where the file system can (reflink), else a sparse copy."""
+    """A copy of the file ``src`` sharing its extents where the file system
+    can (reflink), else a sparse copy."""
     from vrfs.store.dirstore import copy_sparse
     sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -246,3 +248,29 @@ def clone(src: Path, dst: Path) -> None:
     finally:
         os.close(sfd)
     copy_sparse(src, dst)
+
+
+def copy_prefix(src: Path, dst: Path, size: int) -> None:
+    """The first ``size`` bytes of ``src`` (a file or a block device, which
+    may be larger than the disk it holds) into a new file, durably. Holes of
+    a file are skipped without reading; zero chunks become holes."""
+    from vrfs.store.base import data_extents
+    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(dfd, size)
+            for start, end in data_extents(sfd, 0, size):
+                offset = start
+                while offset < end:
+                    chunk = os.pread(sfd, min(COPY_CHUNK, end - offset), offset)
+                    if not chunk:
+                        break  # shorter than the disk: the rest reads as zeros
+                    if chunk.count(0) != len(chunk):
+                        os.pwrite(dfd, chunk, offset)
+                    offset += len(chunk)
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
