@@ -46,6 +46,11 @@ def _on_store(url: str, request: dict, direct: Callable[[Store], dict]) -> dict:
         return _ask_server(store, request)
     except StoreError as exc:
         raise UserError(str(exc)) from None
+    # A committed cycle that the command applies first must not cost a point
+    # that `vrfs serve --retain` keeps, nor the point the replica was at: the
+    # command does not know the server's policy, so it keeps every point, and
+    # the next `vrfs serve` prunes by its own.
+    store.policy = recovery.KEEP_EVERY_POINT
     try:
         return direct(store)
     finally:

@@ -35,6 +35,7 @@ from vrfs.cycle import MAX_HISTORY, DiskEntry
 from vrfs.durable import atomic_write, fsync_dir
 from vrfs.errors import UserError
 from vrfs.layout import CONFIG_NAME, GENERATIONS_FILE, LINEAGE_FILE, LOCK_NAME, STATE_DIR, TRACKING_DIR
+from vrfs.retention import Policy
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
@@ -44,6 +45,9 @@ from vrfs.wire import encode_bitmap
 
 TEST_MARK = ".vrfs-test-failover.json"  # in a test failover's DIR: what made it, for --cleanup
 SMALL_FILE = 1 << 20  # smaller files (VM configuration, NVRAM) are copied as they are, never wrapped in qcow2
+# The retention of a command that applies a committed cycle without `vrfs serve`:
+# every point is kept (one per microsecond of cut time, for ever).
+KEEP_EVERY_POINT: Policy = ((float("inf"), 1e-6),)
 
 
 def list_points(store: Store, source: str | None = None, group: str | None = None) -> list[dict]:
@@ -142,6 +146,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
     if state.fenced:
         raise UserError(f"{source}/{group} is failed over ({state.fenced.get('reason')}); its images are in "
                         f"{state.fenced.get('to')}")
+    _group(store, source, group, point)  # the point may have gone with the cycle just applied
     _check_intact(store, source, state)
     state = _point_state(store, source, group, point)
     to.mkdir(parents=True, exist_ok=True)
@@ -227,6 +232,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         _empty_target(to, datastore_ok=True)
     newest = _settled(store, source, group)
     if not resuming:
+        _group(store, source, group, point)  # the point may have gone with the cycle just applied
         _check_intact(store, source, newest)
     chosen = state.fenced.get("point") if state.fenced is not None else point
     state = _point_state(store, source, group, chosen)
