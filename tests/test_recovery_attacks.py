@@ -107,3 +107,40 @@ async def test_a_command_without_the_server_keeps_the_retained_points_when_it_fi
         assert image(to / "vm1/disk0.raw") == source.at[point], point
         vrfs("test-failover", "--cleanup", str(to))
     assert points(store_url) == [first, second, third, fourth]
+
+
+def vrfs_killed_at(hook: str, *args: str) -> None:
+    """Run a vrfs command that kills itself (SIGKILL) at the crash point ``hook``."""
+    result = subprocess.run(vrfs_command(*args), capture_output=True, text=True, cwd=REPO, timeout=60,
+                            env=vrfs_env({"VRFS_TEST_CRASH": hook}))
+    assert result.returncode == -9, (args, result.returncode, result.stderr)
+
+
+async def test_an_interrupted_failover_to_an_older_point_survives_pruning(tmp_path: Path) -> None:
+    """A failover to an older point is killed right after it fenced the group;
+    `vrfs serve` then restarts with a policy that no longer keeps that point
+    (or simply later: `--retain 20s:2s`). The fence names the point, so the
+    point is kept, and the same command finishes the failover with its bytes."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    server.args = ("--retain", "1h:1s")
+    target = tmp_path / "dr"
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({0: 1, 1: 1, 2: 1, 3: 1})
+        second = await source.cycle({1: 2})
+        third = await source.cycle({1: 3, 2: 3})
+        server.stop()
+        vrfs_killed_at("failover-fenced", "failover", "--store", store_url, GROUP, "--point", str(second),
+                       "--to", str(target))
+        server.args = ("--retain", "5m:1s")  # the cuts were 10 minutes ago
+        server.start()
+        assert points(store_url) == [second, third]
+        out = vrfs("failover", "--store", store_url, GROUP, "--point", str(second), "--to", str(target)).stdout
+        assert f"point {second}" in out, out
+        assert image(target / "vm1/disk0.raw") == source.at[second]
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(target), expect="already failed over")
+        assert first not in points(store_url)
+    finally:
+        server.stop()

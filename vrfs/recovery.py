@@ -40,6 +40,7 @@ from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore, copy_sparse
 from vrfs.store.journal import Journal
+from vrfs.testhooks import crash_point
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
 from vrfs.wire import encode_bitmap
 
@@ -242,6 +243,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     if not resuming:
         store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks, fence))
         lines.append(f"{source}/{group}: fenced: cycles from {source} are refused from now on")
+        crash_point("failover-fenced")
     to.mkdir(parents=True, exist_ok=True)
     block_size = {d.block_size for d in state.disks}
     if len(block_size) > 1:

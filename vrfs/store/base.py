@@ -476,7 +476,9 @@ class Store(ABC):
 
     def prune(self, source: str, group: str, state: GroupState) -> None:
         if self.points.ids(source, group):
-            self.points.prune(source, group, (state.cycle_id, state.cut_time), self.policy, time.time())
+            failover_point = (state.fenced or {}).get("point")  # a failover in progress needs it
+            held = frozenset([failover_point]) if type(failover_point) is int else frozenset()
+            self.points.prune(source, group, (state.cycle_id, state.cut_time), self.policy, time.time(), held)
 
     # --- points, as recovery reads them (vrfs/recovery.py) ------------------
     #

@@ -127,11 +127,14 @@ class PointStore:
 
     # --- pruning ---------------------------------------------------------------
 
-    def prune(self, source: str, group: str, newest: tuple[int, float], policy: Policy, now: float) -> list[int]:
-        """Remove the points the policy no longer keeps; returns their ids."""
+    def prune(self, source: str, group: str, newest: tuple[int, float], policy: Policy, now: float,
+              held: frozenset[int] = frozenset()) -> list[int]:
+        """Remove the points the policy no longer keeps, except those ``held``
+        (the point a failover hands over: an interrupted one needs it to
+        finish, whatever the policy says by then); returns their ids."""
         ids = self.ids(source, group)
         cuts = {i: float(self.load(source, group, i)["cut_time"]) for i in ids}
-        keep = retained([(i, c) for i, c in cuts.items()] + [newest], policy, now)
+        keep = retained([(i, c) for i, c in cuts.items()] + [newest], policy, now) | held
         pruned = []
         for point in ids:
             if point not in keep:
