@@ -22,7 +22,7 @@ from vrfs.cycle import CycleHeader, DiskEntry
 pytestmark = [pytest.mark.timeout(60)]
 
 BS = 64 << 10
-SIZE = 4 * BS
+SIZE = 16 * BS  # 1 MiB: a test failover wraps it in a qcow2 overlay
 GROUP = "hv1/vm1"
 
 
@@ -142,5 +142,121 @@ async def test_an_interrupted_failover_to_an_older_point_survives_pruning(tmp_pa
         assert image(target / "vm1/disk0.raw") == source.at[second]
         vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(target), expect="already failed over")
         assert first not in points(store_url)
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path, stack):
+    """tmpfs(SIZE): a tmpfs of that size (another file system than the store's), unmounted at the end."""
+    def mount(size: str) -> Path:
+        where = tmp_path / f"tmpfs-{size}"
+        where.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], check=True)
+        stack.callback(unmount, where)
+        return where
+
+    def unmount(where: Path) -> None:
+        if subprocess.run(["umount", str(where)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(where)], capture_output=True)
+    return mount
+
+
+def qemu_img_compare(a: Path, b: Path) -> None:
+    subprocess.run(["qemu-img", "compare", "-q", str(a), str(b)], check=True, timeout=60)
+
+
+async def test_images_on_another_file_system_are_the_point(tmp_path: Path, tmpfs) -> None:
+    """Test failover (raw and qcow2) and failover into a tmpfs, with the store
+    on another file system: the kernel cannot copy between them (EXDEV)."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    elsewhere = tmpfs("16m")
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({i: 1 + i for i in range(0, 16, 3)})
+        for fmt in ("raw", "qcow2"):
+            to = elsewhere / fmt
+            vrfs("test-failover", "--store", store_url, GROUP, "--to", str(to), "--format", fmt)
+            expected = tmp_path / "expected.raw"
+            expected.write_bytes(source.at[first])
+            qemu_img_compare(to / "vm1/disk0.raw", expected)
+            vrfs("test-failover", "--cleanup", str(to))
+        out = vrfs("failover", "--store", store_url, GROUP, "--to", str(elsewhere / "dr")).stdout
+        assert f"point {first}" in out, out
+        assert image(elsewhere / "dr/vm1/disk0.raw") == source.at[first]
+    finally:
+        server.stop()
+
+
+async def test_a_full_target_file_system_gets_one_line_and_changes_nothing(tmp_path: Path, tmpfs) -> None:
+    """The target too small for the images: one line naming the cause, nothing
+    left behind that blocks the next try, the store unchanged and serving."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    small = tmpfs("512k")
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({i: 1 + i for i in range(16)})
+        for running in (True, False):
+            for fmt in ("raw", "qcow2"):
+                to = small / "test"
+                vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(to), "--format", fmt,
+                           expect="No space left")
+                assert not to.exists()
+            if running:
+                server.stop()
+        assert points(store_url) == [first]
+        server.start()
+        second = await source.cycle({1: 99})
+        to = tmp_path / "test"
+        vrfs("test-failover", "--store", store_url, GROUP, "--to", str(to), "--format", "raw")
+        assert image(to / "vm1/disk0.raw") == source.at[second]
+    finally:
+        server.stop()
+
+
+async def test_a_failover_stopped_by_a_full_target_says_so_and_finishes_later(tmp_path: Path, tmpfs) -> None:
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    small = tmpfs("512k")
+    to = small / "dr"
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({i: 1 + i for i in range(16)})
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(to), expect="run the same command again")
+        assert not list(to.rglob("*.tmp"))  # the space of a partial copy is given back
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(tmp_path / "elsewhere"),
+                   expect="run the same command again")
+        subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+        vrfs("failover", "--store", store_url, GROUP, "--to", str(to))
+        assert image(to / "vm1/disk0.raw") == source.at[first]
+    finally:
+        server.stop()
+
+
+async def test_a_failover_that_cannot_finish_does_not_fence(tmp_path: Path) -> None:
+    """Two disks of one group with different block sizes (the datastore's
+    block size changed between them) cannot become one datastore: refused
+    before the group is fenced, so replication goes on."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    try:
+        server.start()
+        link = await connect(server)
+        a, b = disk(1, "vm1/a.raw", BS), disk(2, "vm1/b.raw", 4096, block_size=4096)
+        header = CycleHeader(group="vm1", cycle_id=1, cut_time=time.time(), disks=(a, b),
+                             full_sync={a.disk_id: None, b.disk_id: None})
+        await link.send_cycle(header, aiter_blocks([(0, 0, b"a" * BS), (1, 0, b"b" * 4096)]))
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(tmp_path / "dr"),
+                   expect="different block sizes")
+        (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
+        assert pt["fenced"] is None
+        header = CycleHeader(group="vm1", cycle_id=2, cut_time=time.time(), disks=(a, b))
+        await link.send_cycle(header, aiter_blocks([(0, 0, b"A" * BS)]))
+        await link.aclose()
     finally:
         server.stop()

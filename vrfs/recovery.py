@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -38,8 +39,9 @@ from vrfs.layout import CONFIG_NAME, GENERATIONS_FILE, LINEAGE_FILE, LOCK_NAME, 
 from vrfs.retention import Policy
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
-from vrfs.store.dirstore import DirStore, copy_sparse
+from vrfs.store.dirstore import DirStore
 from vrfs.store.journal import Journal
+from vrfs.store.points import copy_sparse
 from vrfs.testhooks import crash_point
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
 from vrfs.wire import encode_bitmap
@@ -116,6 +118,8 @@ def _empty_target(to: Path, datastore_ok: bool = False) -> None:
     if not to.exists():
         return
     entries = [p.name for p in to.iterdir()] if to.is_dir() else None
+    if entries is not None and TEST_MARK in entries:
+        raise UserError(f"{to} holds a test failover; `vrfs test-failover --cleanup {to}` removes it")
     if entries is None or (entries and not (datastore_ok and entries == [STATE_DIR])):
         raise UserError(f"{to} exists and is not an empty directory")
 
@@ -150,7 +154,30 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
     _group(store, source, group, point)  # the point may have gone with the cycle just applied
     _check_intact(store, source, state)
     state = _point_state(store, source, group, point)
+    made_to = not to.exists()
     to.mkdir(parents=True, exist_ok=True)
+    mark = {"store": store.url, "source": source, "group": group, "point": state.cycle_id, "format": fmt,
+            "created": time.time()}
+    try:
+        # The mark first: whatever happens next, `--cleanup` knows the directory as its own.
+        atomic_write(to / TEST_MARK, json.dumps({**mark, "complete": False}).encode())
+        lines = _test_images(store, source, group, state, to, fmt)
+        atomic_write(to / TEST_MARK, json.dumps(mark).encode())
+    except BaseException as exc:
+        # Half a test failover helps no one, and it would block the next try.
+        _remove_test_failover(to, keep_dir=not made_to)
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise UserError(f"test failover of {source}/{group} to {to} failed: {exc.strerror or exc}{where}; "
+                            "nothing of it is left") from None
+        raise
+    lines.append(f"test failover of {source}/{group} at point {state.cycle_id} "
+                 f"(cut {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}) is in {to}; "
+                 f"replication goes on; `vrfs test-failover --cleanup {to}` removes it")
+    return lines
+
+
+def _test_images(store: Store, source: str, group: str, state: GroupState, to: Path, fmt: str) -> list[str]:
     lines = []
     bases = to / ".vrfs-test-bases"
     for disk in state.disks:
@@ -169,35 +196,47 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
         backing_format = _image_format(base)
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(image))
         lines.append(f"{image}: qcow2 overlay on point {state.cycle_id} ({backing_format}, {_took(started)})")
-    atomic_write(to / TEST_MARK, json.dumps({"store": store.url, "source": source, "group": group,
-                                             "point": state.cycle_id, "format": fmt,
-                                             "created": time.time()}).encode())
-    lines.append(f"test failover of {source}/{group} at point {state.cycle_id} "
-                 f"(cut {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}) is in {to}; "
-                 f"replication goes on; `vrfs test-failover --cleanup {to}` removes it")
     return lines
 
 
 def cleanup_test_failover(to: Path) -> list[str]:
+    if to.is_symlink():
+        raise UserError(f"{to} is a symbolic link; name the test failover's directory itself")
     mark = to / TEST_MARK
     try:
         info = json.loads(mark.read_bytes())
     except FileNotFoundError:
         raise UserError(f"{to} is not a test failover (no {TEST_MARK})") from None
-    except ValueError:
+    except (OSError, ValueError):
         raise UserError(f"{mark} is damaged; remove {to} by hand") from None
-    for root, dirs, files in os.walk(to, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(root, name))
+    if not isinstance(info, dict):
+        raise UserError(f"{mark} is damaged; remove {to} by hand")
+    _remove_test_failover(to, keep_dir=False)
+    return [f"removed the {'unfinished ' if info.get('complete') is False else ''}test failover of "
+            f"{info.get('source')}/{info.get('group')} at point {info.get('point')} from {to}"]
+
+
+def _remove_test_failover(to: Path, keep_dir: bool) -> None:
+    """Remove a test failover's directory (or only what is in it), never
+    following a symbolic link out of it (shutil.rmtree works on descriptors)
+    and never into another file system mounted inside it (a test image's file
+    system, mounted to look at it, is unmounted first)."""
+    top = os.lstat(to)
+    for root, dirs, _files in os.walk(to):
         for name in dirs:
             path = os.path.join(root, name)
-            if os.path.islink(path):
-                os.unlink(path)
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_dev != top.st_dev:
+                raise UserError(f"{path} is a mount point: unmount it, then clean up again")
+    if keep_dir:
+        for entry in os.scandir(to):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
             else:
-                os.rmdir(path)
-    os.rmdir(to)
-    return [f"removed the test failover of {info.get('source')}/{info.get('group')} at point "
-            f"{info.get('point')} from {to}"]
+                os.unlink(entry.path)
+    else:
+        shutil.rmtree(to)
+    fsync_dir(to if keep_dir else to.parent)
 
 
 def _image_format(path: Path) -> str:
@@ -226,8 +265,9 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     if state.fenced and state.fenced.get("done"):
         raise UserError(f"{source}/{group} is already failed over: {state.fenced.get('reason')}")
     resuming = state.fenced is not None
-    if state.fenced is not None and Path(state.fenced.get("to", "")) != to:
-        raise UserError(f"{source}/{group} is being failed over to {state.fenced.get('to')}; "
+    if state.fenced is not None and (Path(state.fenced.get("to", "")) != to
+                                     or point not in (None, state.fenced.get("point"))):
+        raise UserError(f"{source}/{group} is being {state.fenced.get('reason')}; "
                         "run the same command again to finish it")
     if not resuming:
         _empty_target(to, datastore_ok=True)
@@ -237,6 +277,9 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         _check_intact(store, source, newest)
     chosen = state.fenced.get("point") if state.fenced is not None else point
     state = _point_state(store, source, group, chosen)
+    block_size = {d.block_size for d in state.disks}
+    if len(block_size) > 1:  # before the fence: a failover that cannot finish must not start
+        raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")
     lines = []
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
              "point": state.cycle_id, "time": time.time()}
@@ -244,33 +287,13 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks, fence))
         lines.append(f"{source}/{group}: fenced: cycles from {source} are refused from now on")
         crash_point("failover-fenced")
-    to.mkdir(parents=True, exist_ok=True)
-    block_size = {d.block_size for d in state.disks}
-    if len(block_size) > 1:
-        raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")
-    by_rename = state.cycle_id == newest.cycle_id and isinstance(store, DirStore)
-    moved_by = "rename" if by_rename else "copy"
-    for disk in state.disks:
-        image = to / disk.path
-        image.parent.mkdir(parents=True, exist_ok=True)
-        if not by_rename:  # an older point, or devices: its images are made, the replicas stay
-            if not image.exists():
-                store.export_disk(source, group, state, disk, Path(f"{image}.tmp"))
-                os.replace(f"{image}.tmp", image)
-            continue
-        assert isinstance(store, DirStore)
-        replica = store.replica(source, disk.path)
-        if image.exists() and not replica.exists():
-            continue  # moved by an earlier, interrupted run
-        try:
-            os.rename(replica, image)
-        except OSError as exc:
-            if exc.errno != errno.EXDEV:  # another file system: a copy
-                raise
-            copy_sparse(replica, image)
-            moved_by = "copy"
-        fsync_dir(image.parent)
-    _write_lineage(to, source, group, state, block_size.pop() if block_size else 64 << 10)
+    try:
+        moved_by = _hand_over(store, source, group, state, newest, to)
+        _write_lineage(to, source, group, state, block_size.pop() if block_size else 64 << 10)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(f"failover of {source}/{group} to {to} stopped: {exc.strerror or exc}{where}; the group "
+                        "stays fenced: run the same command again to finish it") from None
     store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks,
                                                {**fence, **(newest.fenced or {}), "done": True}))
     for disk in state.disks:
@@ -279,6 +302,43 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
                  f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(state.cut_time))}); `vrfs mount {to}` "
                  "serves it, tracking from that point")
     return lines
+
+
+def _hand_over(store: Store, source: str, group: str, state: GroupState, newest: GroupState, to: Path) -> str:
+    """The point's images into ``to``: the replicas themselves by rename (a
+    dir: store's newest point on the same file system), else copies. Each
+    image appears whole (a copy is made under a temporary name), so a run
+    interrupted anywhere is finished by the next; returns how they moved."""
+    to.mkdir(parents=True, exist_ok=True)
+    by_rename = state.cycle_id == newest.cycle_id and isinstance(store, DirStore)
+    moved_by = "rename" if by_rename else "copy"
+    for disk in state.disks:
+        image = to / disk.path
+        image.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(f"{image}.tmp")
+        try:
+            if not by_rename:  # an older point, or devices: its images are made, the replicas stay
+                if not image.exists():
+                    store.export_disk(source, group, state, disk, temporary)
+                    os.replace(temporary, image)
+                continue
+            assert isinstance(store, DirStore)
+            replica = store.replica(source, disk.path)
+            if image.exists() and not replica.exists():
+                continue  # moved by an earlier, interrupted run
+            try:
+                os.rename(replica, image)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:  # another file system: a copy
+                    raise
+                copy_sparse(replica, temporary)
+                os.replace(temporary, image)
+                moved_by = "copy"
+            fsync_dir(image.parent)
+        except OSError:
+            temporary.unlink(missing_ok=True)  # its space, for the next try
+            raise
+    return moved_by
 
 
 # ---------------------------------------------------------------- reprotect
@@ -313,7 +373,8 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            copy_sparse(image, target)
+            copy_sparse(image, Path(f"{target}.tmp"))
+            os.replace(f"{target}.tmp", target)
             os.unlink(image)
         seeded.add(disk_id)
         if info["point"] is not None:

@@ -236,8 +236,7 @@ class PointStore:
 def clone(src: Path, dst: Path) -> None:
     """A copy of the file ``src`` sharing its extents where the file system
     can (reflink), else a sparse copy."""
-    from vrfs.store.dirstore import copy_sparse
-    sfd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -251,6 +250,45 @@ def clone(src: Path, dst: Path) -> None:
     finally:
         os.close(sfd)
     copy_sparse(src, dst)
+
+
+def copy_sparse(src: Path, dst: Path) -> None:
+    """The data extents of the file ``src`` into the new file ``dst`` (holes
+    stay holes), durably. In the kernel (copy_file_range) where it can; by
+    read and write where it cannot, as between two file systems of different
+    types (EXDEV since Linux 5.19: a store on ext4, a target on tmpfs or XFS)."""
+    from vrfs.store.base import data_extents, write_all
+    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        dfd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(sfd).st_size
+            os.ftruncate(dfd, size)
+            in_kernel = True
+            for start, end in data_extents(sfd, 0, size):
+                offset = start
+                while offset < end:
+                    if in_kernel:
+                        try:
+                            n = os.copy_file_range(sfd, dfd, min(end - offset, 1 << 30), offset, offset)
+                        except OSError as exc:
+                            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                                raise
+                            in_kernel = False
+                            continue
+                    else:
+                        chunk = os.pread(sfd, min(COPY_CHUNK, end - offset), offset)
+                        if chunk.count(0) != len(chunk):
+                            write_all(dfd, chunk, offset)
+                        n = len(chunk)
+                    if n == 0:
+                        break  # the file shrank meanwhile: the rest reads as zeros
+                    offset += n
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    finally:
+        os.close(sfd)
 
 
 def copy_prefix(src: Path, dst: Path, size: int) -> None:
