@@ -18,6 +18,7 @@ import pytest
 from mounthelpers import vrfs
 from servehelpers import REPO, Server, aiter_blocks, connect, disk, vrfs_command, vrfs_env
 from vrfs.cycle import CycleHeader, DiskEntry
+from vrfs.link import LinkError
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -92,7 +93,7 @@ async def test_a_command_without_the_server_keeps_the_retained_points_when_it_fi
         server.stop()
         server.env = {"VRFS_TEST_CRASH": "committed"}
         server.start()
-        with pytest.raises(Exception):
+        with pytest.raises(LinkError):
             await source.cycle({3: 4})
         server.wait()
         fourth = source.next_id  # committed, not applied
@@ -160,6 +161,14 @@ def tmpfs(tmp_path: Path, stack):
         if subprocess.run(["umount", str(where)], capture_output=True).returncode:
             subprocess.run(["umount", "-l", str(where)], capture_output=True)
     return mount
+
+
+def grow(tmpfs: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(tmpfs)], check=True)
+
+
+def exists(path: Path) -> bool:
+    return os.path.lexists(path)
 
 
 def qemu_img_compare(a: Path, b: Path) -> None:
@@ -231,7 +240,7 @@ async def test_a_failover_stopped_by_a_full_target_says_so_and_finishes_later(tm
         assert not list(to.rglob("*.tmp"))  # the space of a partial copy is given back
         vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(tmp_path / "elsewhere"),
                    expect="run the same command again")
-        subprocess.run(["mount", "-o", "remount,size=4m", str(small)], check=True)
+        grow(small, "4m")
         vrfs("failover", "--store", store_url, GROUP, "--to", str(to))
         assert image(to / "vm1/disk0.raw") == source.at[first]
     finally:
@@ -258,5 +267,41 @@ async def test_a_failover_that_cannot_finish_does_not_fence(tmp_path: Path) -> N
         header = CycleHeader(group="vm1", cycle_id=2, cut_time=time.time(), disks=(a, b))
         await link.send_cycle(header, aiter_blocks([(0, 0, b"A" * BS)]))
         await link.aclose()
+    finally:
+        server.stop()
+
+
+async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_before_anything(tmp_path: Path) -> None:
+    """--to inside the store's directory (where a source's next group, a
+    journal's discard or a reprotect's cleanup would replace or delete the
+    images), a dangling symbolic link, a path under a file: one line, with the
+    server running and without it, and the group is not fenced."""
+    store = tmp_path / "store"
+    store_url = f"dir:{store}"
+    server = Server(store_url, tmp_path / "serve.log")
+    (tmp_path / "a-file").write_text("x")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({i: 1 + i for i in range(16)})
+        for running in (True, False):
+            for to, expect in ((store / "hv1" / "x", "inside the store"),
+                               (store / ".vrfs" / "journal" / "hv1" / "vm1", "inside the store"),
+                               (store / ".vrfs" / "points" / "hv1" / "vm1" / "0", "inside the store"),
+                               (tmp_path / "dangling", "symbolic link"),
+                               (tmp_path / "a-file" / "dr", "cannot create")):
+                vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
+                vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
+                assert not exists(to) or to == tmp_path / "dangling"
+            vrfs_fails("reprotect", "--datastore", str(store), "--store", store_url, expect="the store's own")
+            (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
+            assert pt["id"] == first and pt["fenced"] is None
+            if running:
+                server.stop()
+        server.start()
+        second = await source.cycle({3: 33})
+        vrfs("failover", "--store", store_url, GROUP, "--to", str(tmp_path / "dr"))
+        assert image(tmp_path / "dr/vm1/disk0.raw") == source.at[second]
     finally:
         server.stop()

@@ -112,9 +112,14 @@ def _settled(store: Store, source: str, group: str) -> GroupState:
     return state
 
 
-def _empty_target(to: Path, datastore_ok: bool = False) -> None:
+def _empty_target(store: Store, to: Path, datastore_ok: bool = False) -> None:
     """``to`` must be absent or empty (or, for a failover, a datastore without
-    disks: the old one, emptied by a reprotect)."""
+    disks: the old one, emptied by a reprotect), a directory where it is, not
+    a symbolic link, and outside the store (whose own files would replace,
+    discard or prune it)."""
+    _outside_store(store, to, "--to")
+    if to.is_symlink():
+        raise UserError(f"{to} is a symbolic link; give the directory itself")
     if not to.exists():
         return
     entries = [p.name for p in to.iterdir()] if to.is_dir() else None
@@ -122,6 +127,28 @@ def _empty_target(to: Path, datastore_ok: bool = False) -> None:
         raise UserError(f"{to} holds a test failover; `vrfs test-failover --cleanup {to}` removes it")
     if entries is None or (entries and not (datastore_ok and entries == [STATE_DIR])):
         raise UserError(f"{to} exists and is not an empty directory")
+
+
+def _outside_store(store: Store, path: Path, what: str) -> None:
+    """``path`` (which may not exist yet) must be neither inside the store's
+    directories nor hold them."""
+    real = Path(os.path.realpath(path))
+    for own in {store.state_dir, getattr(store, "root", store.state_dir)}:
+        own = Path(os.path.realpath(own))
+        if real == own or own in real.parents or real in own.parents:
+            raise UserError(f"{what} {path} is {'inside' if own in real.parents or real == own else 'above'} "
+                            f"the store's own directory {own}; give a directory outside it")
+
+
+def _make_target(to: Path) -> None:
+    """Create ``to`` (and check it can be written) before a failover fences the
+    group: what fails here must not leave the group fenced."""
+    try:
+        to.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {to}: {exc.strerror or exc}") from None
+    if not os.access(to, os.W_OK | os.X_OK):
+        raise UserError(f"{to} is not writable (a read-only file system?)")
 
 
 def _dir_store(store: Store) -> DirStore:
@@ -146,7 +173,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
     if fmt not in ("qcow2", "raw"):
         raise UserError(f"bad format {fmt!r}: qcow2 or raw")
     _group(store, source, group, point)
-    _empty_target(to)
+    _empty_target(store, to)
     state = _settled(store, source, group)
     if state.fenced:
         raise UserError(f"{source}/{group} is failed over ({state.fenced.get('reason')}); its images are in "
@@ -155,7 +182,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
     _check_intact(store, source, state)
     state = _point_state(store, source, group, point)
     made_to = not to.exists()
-    to.mkdir(parents=True, exist_ok=True)
+    _make_target(to)
     mark = {"store": store.url, "source": source, "group": group, "point": state.cycle_id, "format": fmt,
             "created": time.time()}
     try:
@@ -270,7 +297,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         raise UserError(f"{source}/{group} is being {state.fenced.get('reason')}; "
                         "run the same command again to finish it")
     if not resuming:
-        _empty_target(to, datastore_ok=True)
+        _empty_target(store, to, datastore_ok=True)
     newest = _settled(store, source, group)
     if not resuming:
         _group(store, source, group, point)  # the point may have gone with the cycle just applied
@@ -284,6 +311,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
              "point": state.cycle_id, "time": time.time()}
     if not resuming:
+        _make_target(to)
         store.save_group(source, group, GroupState(newest.cycle_id, newest.cut_time, newest.disks, fence))
         lines.append(f"{source}/{group}: fenced: cycles from {source} are refused from now on")
         crash_point("failover-fenced")
@@ -350,6 +378,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     acknowledged, and the blocks changed after it. A disk failed over at that
     very point then costs only the blocks changed on either side since."""
     dstore = _dir_store(store)
+    _outside_store(store, datastore, "the datastore")
     meta = datastore / STATE_DIR
     if not meta.is_dir():
         raise UserError(f"{datastore} is not a vrfs datastore (no {meta})")
