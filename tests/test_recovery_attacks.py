@@ -305,3 +305,112 @@ async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_befor
         assert image(tmp_path / "dr/vm1/disk0.raw") == source.at[second]
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("killed", ["vrfs serve", "vrfs failover"])
+async def test_a_failover_killed_half_way_is_finished_by_the_same_command(tmp_path: Path, killed: str) -> None:
+    """kill -9 of `vrfs serve` while it does a failover for the control socket,
+    or of the command itself, after the first of two disks moved: the command
+    says so in one line, and run again (the server restarted, or not) it
+    finishes with both images at the point and the store fenced."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    target = tmp_path / "dr"
+    try:
+        server.start()
+        link = await connect(server)
+        a, b = disk(1, "vm1/a.raw", 4 * BS), disk(2, "vm1/b.raw", 2 * BS)
+        header = CycleHeader(group="vm1", cycle_id=1, cut_time=time.time(), disks=(a, b),
+                             full_sync={a.disk_id: None, b.disk_id: None})
+        await link.send_cycle(header, aiter_blocks([(0, i, bytes([i + 1]) * BS) for i in range(4)]
+                                                   + [(1, 1, b"b" * BS)]))
+        await link.aclose()
+        expected = {"vm1/a.raw": b"".join(bytes([i + 1]) * BS for i in range(4)),
+                    "vm1/b.raw": bytes(BS) + b"b" * BS}
+        if killed == "vrfs serve":
+            server.stop()
+            server.env = {"VRFS_TEST_CRASH": "failover-moved"}
+            server.start()
+            vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(target), expect="ended before it answered")
+            server.wait()
+            server.env = {}
+            server.start()
+        else:
+            server.stop()
+            vrfs_killed_at("failover-moved", "failover", "--store", store_url, GROUP, "--to", str(target))
+        assert sum(exists(target / p) for p in expected) == 1
+        (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
+        assert pt["fenced"] and not pt["fenced"].get("done")
+        out = vrfs("failover", "--store", store_url, GROUP, "--to", str(target)).stdout
+        assert "point 1" in out, out
+        for path, content in expected.items():
+            assert image(target / path) == content, path
+        lineage = json.loads((target / ".vrfs/lineage.json").read_text())
+        assert {v["path"] for v in lineage.values()} == set(expected)
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(target), expect="already failed over")
+    finally:
+        server.stop()
+
+
+def vrfs_at_once(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Start the commands together; their results, in order."""
+    procs = [subprocess.Popen(vrfs_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=REPO, env=vrfs_env()) for args in commands]
+    out = []
+    for args, proc in zip(commands, procs, strict=True):
+        stdout, stderr = proc.communicate(timeout=60)
+        out.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return out
+
+
+def hold_store_lock(store: Path) -> int:
+    """Take the store's lock as a command working without a server does."""
+    import fcntl
+    fd = os.open(store / ".vrfs" / "lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+async def test_commands_and_a_server_at_once(tmp_path: Path) -> None:
+    """Two test failovers of one group at once, through the server and
+    without it; a command while another holds the store and the control file
+    of a killed server is left; `vrfs serve` starting meanwhile."""
+    store = tmp_path / "store"
+    store_url = f"dir:{store}"
+    server = Server(store_url, tmp_path / "serve.log")
+    try:
+        server.start()
+        source = Source(server)
+        first = await source.cycle({i: 1 + i for i in range(16)})
+        for running in (True, False):
+            a, b = tmp_path / f"a-{running}", tmp_path / f"b-{running}"
+            results = vrfs_at_once(*[("test-failover", "--store", store_url, GROUP, "--to", str(d), "--format", "raw")
+                                     for d in (a, b, a)])
+            done = [r for r in results if r.returncode == 0]
+            for r in results:
+                assert r.returncode == 0 or (r.stderr.count("\n") == 1 and "Traceback" not in r.stderr), r.stderr
+            assert len(done) >= (2 if running else 1), results
+            for d in (a, b):
+                if exists(d):
+                    assert image(d / "vm1/disk0.raw") == source.at[first]
+                    vrfs("test-failover", "--cleanup", str(d))
+            if running:
+                server.kill9()  # its control file stays behind
+        fd = hold_store_lock(store)
+        try:
+            vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(tmp_path / "c"),
+                       expect="another vrfs command")
+            with pytest.raises(RuntimeError, match="in use by another vrfs serve or vrfs command"):
+                server.start()
+        finally:
+            os.close(fd)
+        vrfs("test-failover", "--store", store_url, GROUP, "--to", str(tmp_path / "c"))
+        assert not exists(store / ".vrfs" / "control")
+        fd = hold_store_lock(store)
+        try:
+            vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(tmp_path / "d"),
+                       expect="another vrfs command")
+        finally:
+            os.close(fd)
+    finally:
+        server.stop()

@@ -51,6 +51,9 @@ def _on_store(url: str, request: dict, direct: Callable[[Store], dict]) -> dict:
     # command does not know the server's policy, so it keeps every point, and
     # the next `vrfs serve` prunes by its own.
     store.policy = recovery.KEEP_EVERY_POINT
+    # No server runs (its lock is ours): a control file left by one that was
+    # killed would send another command to a socket nobody answers.
+    (store.state_dir / CONTROL_FILE).unlink(missing_ok=True)
     try:
         return direct(store)
     finally:
@@ -60,9 +63,22 @@ def _on_store(url: str, request: dict, direct: Callable[[Store], dict]) -> dict:
 def _ask_server(store: Store, request: dict) -> dict:
     try:
         path = (store.state_dir / CONTROL_FILE).read_text().strip()
+    except FileNotFoundError:
+        # The lock is held by another command working on the store without a
+        # server (or by a server still recovering, before it listens).
+        raise UserError(f"{store.url} is in use by another vrfs command (a failover, a test failover, a "
+                        "reprotect) or a vrfs serve still starting; run this one again when it has finished"
+                        ) from None
+    except OSError as exc:
+        raise UserError(f"{store.url} is in use, and its control socket cannot be read ({exc})") from None
+    try:
         answer = control.ask(path, request, timeout=REQUEST_TIMEOUT)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{store.url} is served by a vrfs serve that does not answer ({exc})") from None
+    except ValueError:  # the connection ended without an answer
+        raise UserError(f"the vrfs serve of {store.url} ended before it answered; run the same command again "
+                        "(an interrupted failover is finished by it)") from None
+    except OSError as exc:
+        raise UserError(f"{store.url} is in use by a vrfs serve that does not answer ({exc.strerror or exc}), or "
+                        "by another vrfs command; run this one again when it has finished") from None
     if "error" in answer:
         raise UserError(answer["error"])
     return answer

@@ -349,6 +349,7 @@ def _hand_over(store: Store, source: str, group: str, state: GroupState, newest:
                 if not image.exists():
                     store.export_disk(source, group, state, disk, temporary)
                     os.replace(temporary, image)
+                    crash_point("failover-moved")
                 continue
             assert isinstance(store, DirStore)
             replica = store.replica(source, disk.path)
@@ -363,6 +364,7 @@ def _hand_over(store: Store, source: str, group: str, state: GroupState, newest:
                 os.replace(temporary, image)
                 moved_by = "copy"
             fsync_dir(image.parent)
+            crash_point("failover-moved")
         except OSError:
             temporary.unlink(missing_ok=True)  # its space, for the next try
             raise

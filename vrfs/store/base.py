@@ -162,7 +162,7 @@ class Store(ABC):
         except OSError:
             os.close(self._lock_fd)
             self._lock_fd = None
-            raise StoreInUse(f"store {self.url} is in use by another vrfs serve") from None
+            raise StoreInUse(f"store {self.url} is in use by another vrfs serve or vrfs command") from None
         id_file = self.state_dir / "store-id"
         if not id_file.exists():
             atomic_write(id_file, uuid.uuid4().hex.encode() + b"\n")
