@@ -77,7 +77,8 @@ class Receiver:
             done.set()
 
     def _released(self, key: tuple[str, str]) -> trio.Event:
-        return self._done.get(key) or trio.Event()
+        done = self._done.get(key)  # not `or`: a trio.Event refuses to be a bool
+        return done if done is not None else trio.Event()
 
     async def holding(self, source: str, group: str, fn: Callable[..., T], *args: Any, wait: float = 120.0) -> T:
         """Run ``fn`` in a worker thread while no cycle of the group can be
