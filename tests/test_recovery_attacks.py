@@ -281,6 +281,10 @@ async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_befor
     server = Server(store_url, tmp_path / "serve.log")
     (tmp_path / "a-file").write_text("x")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
+    (tmp_path / "theirs").mkdir()
+    os.chown(tmp_path / "theirs", 65534, 65534)  # another user's directory: they could plant links
+    (tmp_path / "shared").mkdir()
+    os.chmod(tmp_path / "shared", 0o1777)
     try:
         server.start()
         source = Source(server)
@@ -290,10 +294,12 @@ async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_befor
                                (store / ".vrfs" / "journal" / "hv1" / "vm1", "inside the store"),
                                (store / ".vrfs" / "points" / "hv1" / "vm1" / "0", "inside the store"),
                                (tmp_path / "dangling", "symbolic link"),
-                               (tmp_path / "a-file" / "dr", "cannot create")):
+                               (tmp_path / "a-file" / "dr", "cannot create"),
+                               (tmp_path / "theirs", "can be written by others"),
+                               (tmp_path / "shared", "can be written by others")):
                 vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
                 vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
-                assert not exists(to) or to == tmp_path / "dangling"
+                assert not exists(to) or to.name in ("dangling", "theirs", "shared")
             vrfs_fails("reprotect", "--datastore", str(store), "--store", store_url, expect="the store's own")
             (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
             assert pt["id"] == first and pt["fenced"] is None
@@ -389,8 +395,18 @@ async def test_commands_and_a_server_at_once(tmp_path: Path) -> None:
             done = [r for r in results if r.returncode == 0]
             for r in results:
                 assert r.returncode == 0 or (r.stderr.count("\n") == 1 and "Traceback" not in r.stderr), r.stderr
-            assert len(done) >= (2 if running else 1), results
-            for d in (a, b):
+            assert len(done) >= (2 if running else 1), [r.stderr for r in results]
+            if running:  # the same, with no process start between them: the second surely waits
+                from concurrent.futures import ThreadPoolExecutor
+
+                from vrfs import control
+                socket_path = (store / ".vrfs" / "control").read_text().strip()
+                requests = [{"op": "test-failover", "source": "hv1", "group": "vm1", "to": str(d), "point": None,
+                             "format": "raw"} for d in (tmp_path / "c", tmp_path / "d")]
+                with ThreadPoolExecutor(2) as pool:
+                    answers = list(pool.map(control.ask, [socket_path] * 2, requests))
+                assert all("lines" in x for x in answers), answers
+            for d in (a, b, tmp_path / "c", tmp_path / "d"):
                 if exists(d):
                     assert image(d / "vm1/disk0.raw") == source.at[first]
                     vrfs("test-failover", "--cleanup", str(d))
@@ -414,3 +430,87 @@ async def test_commands_and_a_server_at_once(tmp_path: Path) -> None:
             os.close(fd)
     finally:
         server.stop()
+
+
+async def test_test_failovers_of_older_points_while_cycles_arrive_and_pruning_runs(tmp_path: Path) -> None:
+    """`--retain 20s:2s`, a cycle every 0.2 s (each applied, then pruning),
+    and meanwhile test failovers of the oldest kept point, a middle one and
+    the newest, raw and qcow2: each image is what the source held at that
+    cut, or the command says in one line that the point was pruned."""
+    import random
+
+    import trio
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    server.args = ("--retain", "20s:2s")
+    rng = random.Random(5)
+    try:
+        server.start()
+        source = Source(server)
+        source.epoch = time.time() - 30  # cuts 2 s apart, the older ones beyond the span
+        await source.cycle({i: 1 + i for i in range(16)})
+        for _ in range(10):
+            await source.cycle({rng.randrange(16): rng.randrange(1, 256) for _ in range(3)})
+        checked = 0
+        stop = trio.Event()
+
+        async def keep_sending() -> None:
+            while not stop.is_set():
+                source.epoch -= 1.9  # each cut 0.1 s after the one before, in real time
+                await source.cycle({rng.randrange(16): rng.randrange(1, 256) for _ in range(3)})
+                await trio.sleep(0.2)
+
+        def test_failover(point: int, fmt: str, n: int) -> bool:
+            to = tmp_path / f"t{n}"
+            result = vrfs("test-failover", "--store", store_url, GROUP, "--point", str(point), "--to", str(to),
+                          "--format", fmt, check=False)
+            if result.returncode:
+                assert "no point" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+                return False
+            expected = tmp_path / f"expected{n}.raw"
+            expected.write_bytes(source.at[point])
+            qemu_img_compare(to / "vm1/disk0.raw", expected)
+            vrfs("test-failover", "--cleanup", str(to))
+            return True
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_sending)
+            for n in range(6):
+                kept = await trio.to_thread.run_sync(points, store_url)
+                point = [kept[0], kept[len(kept) // 2], kept[-1]][n % 3]
+                checked += await trio.to_thread.run_sync(test_failover, point, ("raw", "qcow2")[n % 2], n)
+            stop.set()
+        assert checked >= 3
+        assert len(points(store_url)) < source.next_id - 1  # pruning did run
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE")
+def test_reprotect_refuses_a_served_datastore_and_finishes_after_a_kill(tmp_path: Path, mount_factory) -> None:
+    """A real datastore of two disks: reprotect while `vrfs mount` serves it is
+    refused; into a dev: store it is refused; killed after the first disk
+    became a seed, the same command finishes, and every seed is the image."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = mount_factory(src, mnt)
+    (mnt / "vm1").mkdir()
+    content = {"vm1/a.raw": os.urandom(3 * BS), "vm1/b.raw": os.urandom(2 * BS)}
+    for path, data in content.items():
+        (mnt / path).write_bytes(data)
+    store_url = f"dir:{tmp_path / 'back'}"
+    vrfs_fails("reprotect", "--datastore", str(src), "--store", store_url, expect="served by vrfs mount")
+    m.umount()
+    mapfile = tmp_path / "devices.map"
+    mapfile.write_text("")
+    vrfs_fails("reprotect", "--datastore", str(src), "--store", f"dev:{mapfile}", expect="needs a dir: store")
+    vrfs_killed_at("reprotect-seeded", "reprotect", "--datastore", str(src), "--store", store_url)
+    out = vrfs("reprotect", "--datastore", str(src), "--store", store_url).stdout
+    seeds = tmp_path / "back/.vrfs/seeds"
+    found = {}
+    for info in seeds.glob("*.json"):
+        found[json.loads(info.read_text())["path"]] = (seeds / info.name[:-len(".json")]).read_bytes()
+    assert found == content, out
+    assert not (src / "vm1").exists()
+    vrfs_fails("reprotect", "--datastore", str(src), "--store", store_url, expect="holds no disk images")

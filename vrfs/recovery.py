@@ -141,12 +141,23 @@ def _outside_store(store: Store, path: Path, what: str) -> None:
 
 
 def _make_target(to: Path) -> None:
-    """Create ``to`` (and check it can be written) before a failover fences the
-    group: what fails here must not leave the group fenced."""
+    """Create ``to`` and check that only we can write it, before a failover
+    fences the group (what fails here must not leave it fenced). Images are
+    written there as the store's user; a directory that another user can
+    write would let that user swap a file or directory for a symbolic link
+    to, say, /etc/shadow between our check and our write."""
     try:
-        to.mkdir(parents=True, exist_ok=True)
+        to.parent.mkdir(parents=True, exist_ok=True)
+        to.mkdir(mode=0o755, exist_ok=True)
+        st = os.lstat(to)
     except OSError as exc:
         raise UserError(f"cannot create {to}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{to} is not a directory")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise UserError(f"{to} can be written by others (owner {st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}), "
+                        "who could put symbolic links where the images go; use a directory that only "
+                        f"user {os.geteuid()} can write (chmod go-w), or a new one")
     if not os.access(to, os.W_OK | os.X_OK):
         raise UserError(f"{to} is not writable (a read-only file system?)")
 
@@ -407,6 +418,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
             copy_sparse(image, Path(f"{target}.tmp"))
             os.replace(f"{target}.tmp", target)
             os.unlink(image)
+        crash_point("reprotect-seeded")
         seeded.add(disk_id)
         if info["point"] is not None:
             lines.append(f"{path}: seed of the reverse direction, at point {info['point']} "
