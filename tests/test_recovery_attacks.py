@@ -18,7 +18,7 @@ import pytest
 from mounthelpers import vrfs
 from servehelpers import REPO, Server, aiter_blocks, connect, disk, vrfs_command, vrfs_env
 from vrfs.cycle import CycleHeader, DiskEntry
-from vrfs.link import LinkError
+from vrfs.link import CycleRefused, LinkError
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -39,21 +39,33 @@ class Source:
         self.epoch = time.time() - 600  # cuts 2 s apart: each in a slot of its own under --retain 1h:1s
 
     async def cycle(self, blocks: dict[int, int]) -> int:
-        """One cycle that fills each block index with its byte value; returns the point's id."""
+        """One cycle that fills each block index with its byte value; returns the
+        point's id. Refused as busy (a test failover holds the group), it is
+        sent again, as a source does."""
+        import trio
+        cycle_id = self.next_id
+        content = bytearray(self.content)
+        records = []
+        for index, value in sorted(blocks.items()):
+            data = bytes([value]) * BS
+            content[index * BS:(index + 1) * BS] = data
+            records.append((0, index, data))
+        header = CycleHeader(group="vm1", cycle_id=cycle_id, cut_time=self.epoch + 2 * cycle_id, disks=(self.disk,),
+                             full_sync={self.disk.disk_id: None} if cycle_id == 1 else {})
         link = await connect(self.server)
         try:
-            cycle_id = self.next_id
-            records = []
-            for index, value in sorted(blocks.items()):
-                data = bytes([value]) * BS
-                self.content[index * BS:(index + 1) * BS] = data
-                records.append((0, index, data))
-            header = CycleHeader(group="vm1", cycle_id=cycle_id, cut_time=self.epoch + 2 * cycle_id, disks=(self.disk,),
-                                 full_sync={self.disk.disk_id: None} if cycle_id == 1 else {})
-            await link.send_cycle(header, aiter_blocks(records))
+            while True:
+                try:
+                    await link.send_cycle(header, aiter_blocks(records))
+                    break
+                except CycleRefused as exc:
+                    if "busy" not in str(exc):
+                        raise
+                    await trio.sleep(0.05)
         finally:
             await link.aclose()
-        self.at[cycle_id] = bytes(self.content)
+        self.content = content
+        self.at[cycle_id] = bytes(content)
         self.next_id += 1
         return cycle_id
 
@@ -97,7 +109,7 @@ async def test_a_command_without_the_server_keeps_the_retained_points_when_it_fi
             await source.cycle({3: 4})
         server.wait()
         fourth = source.next_id  # committed, not applied
-        source.at[fourth] = bytes(source.content)
+        source.at[fourth] = source.at[third][:3 * BS] + bytes([4]) * BS + source.at[third][4 * BS:]
     finally:
         server.stop()
 
@@ -289,16 +301,18 @@ async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_befor
         server.start()
         source = Source(server)
         first = await source.cycle({i: 1 + i for i in range(16)})
+        targets = [(store / "hv1" / "x", "inside the store"),
+                   (store / ".vrfs" / "journal" / "hv1" / "vm1", "inside the store"),
+                   (store / ".vrfs" / "points" / "hv1" / "vm1" / "0", "inside the store"),
+                   (tmp_path / "dangling", "symbolic link"),
+                   (tmp_path / "a-file" / "dr", "cannot create"),
+                   (tmp_path / "theirs", "can be written by others"),
+                   (tmp_path / "shared", "can be written by others")]
         for running in (True, False):
-            for to, expect in ((store / "hv1" / "x", "inside the store"),
-                               (store / ".vrfs" / "journal" / "hv1" / "vm1", "inside the store"),
-                               (store / ".vrfs" / "points" / "hv1" / "vm1" / "0", "inside the store"),
-                               (tmp_path / "dangling", "symbolic link"),
-                               (tmp_path / "a-file" / "dr", "cannot create"),
-                               (tmp_path / "theirs", "can be written by others"),
-                               (tmp_path / "shared", "can be written by others")):
-                vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
-                vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(to), expect=expect)
+            # Each target once with each command, half of them with the server, half without.
+            for n, (to, expect) in enumerate(targets):
+                command = ("test-failover", "failover")[(n + running) % 2]
+                vrfs_fails(command, "--store", store_url, GROUP, "--to", str(to), expect=expect)
                 assert not exists(to) or to.name in ("dangling", "theirs", "shared")
             vrfs_fails("reprotect", "--datastore", str(store), "--store", store_url, expect="the store's own")
             (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
@@ -313,13 +327,27 @@ async def test_targets_inside_the_store_or_that_cannot_be_made_are_refused_befor
         server.stop()
 
 
-@pytest.mark.parametrize("killed", ["vrfs serve", "vrfs failover"])
-async def test_a_failover_killed_half_way_is_finished_by_the_same_command(tmp_path: Path, killed: str) -> None:
+@pytest.mark.parametrize("killed,kind", [("vrfs serve", "dir"), ("vrfs failover", "dir"), ("vrfs failover", "dev")])
+async def test_a_failover_killed_half_way_is_finished_by_the_same_command(tmp_path: Path, stack, killed: str,
+                                                                         kind: str) -> None:
     """kill -9 of `vrfs serve` while it does a failover for the control socket,
-    or of the command itself, after the first of two disks moved: the command
-    says so in one line, and run again (the server restarted, or not) it
-    finishes with both images at the point and the store fenced."""
-    store_url = f"dir:{tmp_path / 'store'}"
+    or of the command itself, after the first of two disks moved (renamed on
+    a dir: store, copied from loop devices on a dev: store): the command says
+    so in one line, and run again (the server restarted, or not) it finishes
+    with both images at the point and the store fenced."""
+    if kind == "dev":
+        from servehelpers import losetup, losetup_detach
+        devices = []
+        for name in ("a", "b"):
+            backing = tmp_path / f"backing-{name}"
+            backing.write_bytes(bytes(1 << 20))
+            devices.append(losetup(backing))
+            stack.callback(losetup_detach, devices[-1])
+        mapfile = tmp_path / "devices.map"
+        mapfile.write_text(f"hv1/vm1/a.raw {devices[0]}\nhv1/vm1/b.raw {devices[1]}\n")
+        store_url = f"dev:{mapfile}"
+    else:
+        store_url = f"dir:{tmp_path / 'store'}"
     server = Server(store_url, tmp_path / "serve.log")
     target = tmp_path / "dr"
     try:
@@ -514,3 +542,73 @@ def test_reprotect_refuses_a_served_datastore_and_finishes_after_a_kill(tmp_path
     assert found == content, out
     assert not (src / "vm1").exists()
     vrfs_fails("reprotect", "--datastore", str(src), "--store", store_url, expect="holds no disk images")
+
+
+def test_cleanup_of_a_killed_test_failover_and_of_what_is_not_one(tmp_path: Path) -> None:
+    """A test failover killed after its first image: --cleanup removes it (the
+    mark is written first), and the next test failover there is told to clean
+    up. --cleanup refuses a file system mounted inside it (and keeps its
+    files), a symbolic link, a second cleanup, `/`."""
+    from vrfs.store.dirstore import DirStore
+    from vrfs.store.base import GroupState
+    store_dir = tmp_path / "store"
+    store = DirStore(f"dir:{store_dir}", store_dir)
+    store.open()
+    try:  # two small disks of a group, as a cycle leaves them
+        disks = (disk(1, "vm1/a.raw", BS), disk(2, "vm1/b.raw", BS))
+        for d, fill in zip(disks, (b"a", b"b"), strict=True):
+            store.replica("hv1", d.path).parent.mkdir(parents=True, exist_ok=True)
+            store.replica("hv1", d.path).write_bytes(fill * BS)
+        store.save_group("hv1", "vm1", GroupState(1, time.time(), disks))
+    finally:
+        store.close()
+    store_url = f"dir:{store_dir}"
+    to = tmp_path / "test"
+    vrfs_killed_at("test-failover-image", "test-failover", "--store", store_url, GROUP, "--to", str(to))
+    assert exists(to / "vm1/a.raw") and not exists(to / "vm1/b.raw")
+    vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(to), expect="--cleanup")
+    os.symlink(to, tmp_path / "link")
+    vrfs_fails("test-failover", "--cleanup", str(tmp_path / "link"), expect="symbolic link")
+    inside = to / "vm1" / "look"
+    inside.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(inside)], check=True)
+    try:
+        (inside / "precious").write_text("not the test failover's")
+        vrfs_fails("test-failover", "--cleanup", str(to), expect="mount point")
+        assert (inside / "precious").read_text() == "not the test failover's"
+    finally:
+        subprocess.run(["umount", str(inside)], check=True)
+    assert "unfinished" in vrfs("test-failover", "--cleanup", str(to)).stdout
+    assert not exists(to) and (store_dir / "hv1/vm1/a.raw").read_bytes() == b"a" * BS
+    vrfs_fails("test-failover", "--cleanup", str(to), expect="not a test failover")
+    vrfs_fails("test-failover", "--cleanup", "/", expect="not a test failover")
+    vrfs("test-failover", "--store", store_url, GROUP, "--to", str(to))
+    assert image(to / "vm1/b.raw") == b"b" * BS
+
+
+@pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE")
+async def test_a_datastore_still_served_by_vrfs_mount_is_no_target(tmp_path: Path, mount_factory) -> None:
+    """Failback into the old datastore that the operator mounted again too
+    early (`vrfs mount DIR` over itself, its disks gone with the reprotect):
+    the images would be written through the mount, as new disks to
+    replicate, and the datastore's .vrfs is out of reach there. Refused in
+    one line, before the fence; so are a test failover into it and a reprotect."""
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    datastore = tmp_path / "datastore"
+    datastore.mkdir()
+    mount_factory(datastore, None)
+    try:
+        server.start()
+        source = Source(server)
+        await source.cycle({i: 1 + i for i in range(16)})
+        server.stop()
+        vrfs_fails("failover", "--store", store_url, GROUP, "--to", str(datastore), expect="vrfs mount serves")
+        vrfs_fails("test-failover", "--store", store_url, GROUP, "--to", str(datastore / "test"),
+                   expect="vrfs mount serves")
+        vrfs_fails("reprotect", "--datastore", str(datastore), "--store", f"dir:{tmp_path / 'back'}",
+                   expect="vrfs mount serves")
+        (pt,) = json.loads(vrfs("points", "--store", store_url, "--json").stdout)
+        assert pt["fenced"] is None
+    finally:
+        server.stop()

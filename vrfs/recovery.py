@@ -25,6 +25,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -118,6 +119,7 @@ def _empty_target(store: Store, to: Path, datastore_ok: bool = False) -> None:
     a symbolic link, and outside the store (whose own files would replace,
     discard or prune it)."""
     _outside_store(store, to, "--to")
+    _not_in_a_vrfs_mount(to, "--to")
     if to.is_symlink():
         raise UserError(f"{to} is a symbolic link; give the directory itself")
     if not to.exists():
@@ -138,6 +140,30 @@ def _outside_store(store: Store, path: Path, what: str) -> None:
         if real == own or own in real.parents or real in own.parents:
             raise UserError(f"{what} {path} is {'inside' if own in real.parents or real == own else 'above'} "
                             f"the store's own directory {own}; give a directory outside it")
+
+
+def _vrfs_mount_over(path: Path) -> str | None:
+    """The mount point of the `vrfs mount` that ``path`` (existing or not) is
+    in, or None: a file written there goes through the mount (tracked,
+    replicated, and its .vrfs hidden), not into the directory beneath."""
+    real = os.path.realpath(path)
+    best, best_type = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            if (real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")) and len(mountpoint) >= len(best):
+                best, best_type = mountpoint, fields[2]
+    return best if best_type == "fuse.vrfs" else None
+
+
+def _not_in_a_vrfs_mount(path: Path, what: str) -> None:
+    mountpoint = _vrfs_mount_over(path)
+    if mountpoint is not None:
+        raise UserError(f"{what} {path} is in a datastore that vrfs mount serves ({mountpoint}): stop it first "
+                        "(`vrfs umount`)")
 
 
 def _make_target(to: Path) -> None:
@@ -226,6 +252,7 @@ def _test_images(store: Store, source: str, group: str, state: GroupState, to: P
             store.export_disk(source, group, state, disk, image)
             lines.append(f"{image}: {'raw image' if fmt == 'raw' else 'copy'} of point {state.cycle_id} "
                          f"({_took(started)})")
+            crash_point("test-failover-image")
             continue
         base = bases / (disk.path + ".point")
         base.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +261,7 @@ def _test_images(store: Store, source: str, group: str, state: GroupState, to: P
         backing_format = _image_format(base)
         _qemu_img("create", "-q", "-f", "qcow2", "-b", str(base), "-F", backing_format, str(image))
         lines.append(f"{image}: qcow2 overlay on point {state.cycle_id} ({backing_format}, {_took(started)})")
+        crash_point("test-failover-image")
     return lines
 
 
@@ -392,6 +420,7 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     very point then costs only the blocks changed on either side since."""
     dstore = _dir_store(store)
     _outside_store(store, datastore, "the datastore")
+    _not_in_a_vrfs_mount(datastore, "the datastore")
     meta = datastore / STATE_DIR
     if not meta.is_dir():
         raise UserError(f"{datastore} is not a vrfs datastore (no {meta})")
