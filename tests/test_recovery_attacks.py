@@ -612,3 +612,41 @@ async def test_a_datastore_still_served_by_vrfs_mount_is_no_target(tmp_path: Pat
         assert pt["fenced"] is None
     finally:
         server.stop()
+
+
+async def test_a_failover_while_a_cycle_is_in_flight_waits_for_it(tmp_path: Path) -> None:
+    """A cycle is being received (its blocks trickle in) when the operator
+    fails over through the server: the cycle finishes first, and the images
+    are at its point, byte for byte; the next cycle is refused as fenced."""
+    import trio
+    store_url = f"dir:{tmp_path / 'store'}"
+    server = Server(store_url, tmp_path / "serve.log")
+    target = tmp_path / "dr"
+    try:
+        server.start()
+        source = Source(server)
+        await source.cycle({i: 1 + i for i in range(16)})
+        expected = bytearray(source.content)
+
+        async def slow_blocks():
+            for index in (2, 9, 15):
+                expected[index * BS:(index + 1) * BS] = b"s" * BS
+                yield 0, index, b"s" * BS
+                await trio.sleep(0.4)
+
+        link = await connect(server)
+        header = CycleHeader(group="vm1", cycle_id=2, cut_time=time.time(), disks=(source.disk,))
+        out: list[str] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.send_cycle, header, slow_blocks())
+            await trio.sleep(0.2)
+            out.append(await trio.to_thread.run_sync(
+                lambda: vrfs("failover", "--store", store_url, GROUP, "--to", str(target)).stdout))
+        assert "point 2" in out[0], out
+        assert image(target / "vm1/disk0.raw") == bytes(expected)
+        header = CycleHeader(group="vm1", cycle_id=3, cut_time=time.time(), disks=(source.disk,))
+        with pytest.raises(CycleRefused, match="fenced|failed over"):
+            await link.send_cycle(header, aiter_blocks([(0, 0, b"x" * BS)]))
+        await link.aclose()
+    finally:
+        server.stop()
