@@ -144,6 +144,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
                         f"{state.fenced.get('to')}")
     _check_intact(store, source, state)
     state = _point_state(store, source, group, point)
+    store.check_point(source, group, state)
     to.mkdir(parents=True, exist_ok=True)
     lines = []
     bases = to / ".vrfs-test-bases"
@@ -230,6 +231,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         _check_intact(store, source, newest)
     chosen = state.fenced.get("point") if state.fenced is not None else point
     state = _point_state(store, source, group, chosen)
+    store.check_point(source, group, state)  # before the fence: a point that cannot be had fences nothing
     lines = []
     fence = {"reason": f"failed over at point {state.cycle_id} to {to}", "to": str(to),
              "point": state.cycle_id, "time": time.time()}
