@@ -35,6 +35,9 @@ MiB = 1 << 20
 BS = 64 * KiB
 NAME = "hv1"
 MAX_FILE = 3 * MiB  # no file grows past this: steps stay fast
+RETAIN_SLOT = 1  # seconds: the receiver keeps the newest point of every second, for an hour
+RETAIN_POLICY = f"1h:{RETAIN_SLOT}s"
+TEST_MARK = ".vrfs-test-failover.json"
 
 AT_FDCWD = -100
 
@@ -216,7 +219,7 @@ class Rig:
     """A source datastore SRC mounted at MNT with --peer, and its receiver
     serving STORE. Applies ops to both the mount and the model, and checks."""
 
-    def __init__(self, tmp: Path, rpo: str = "1s", converge_timeout: float = 40.0) -> None:
+    def __init__(self, tmp: Path, rpo: str = "1s", converge_timeout: float = 40.0, retain: bool = False) -> None:
         self.tmp = tmp
         self.src = tmp / "src"
         self.mnt = tmp / "mnt"
@@ -235,6 +238,15 @@ class Rig:
         self.faults = Counter()
         self.checks = Counter()
         self.has_verify: bool | None = None
+        # With retain, the receiver keeps a point per second (`--retain`), and
+        # every point a strict convergence saw is recorded with what the
+        # source held: (group, point id) -> path -> (size, sha256). Each must
+        # come back from `vrfs test-failover` byte for byte, for as long as
+        # the policy keeps it.
+        self.retain = retain
+        self.recorded: dict[tuple[str, int], dict[str, tuple[int, str]]] = {}
+        if retain:
+            self.server.args = ("--retain", RETAIN_POLICY)
 
     # ---------------------------------------------------------- processes
 
@@ -424,13 +436,24 @@ class Rig:
         self.server.stop()
         self.server.start()
 
+    # A replica changed by hand at the DR site changes the older points built
+    # on it too (a point is the replica plus the blocks changed after it):
+    # that group's recorded points are no longer what the store can give.
+
     def do_dr_delete(self, replica: str) -> None:
+        self._forget_points(replica)
         os.unlink(self.replica(replica))
 
     def do_dr_truncate(self, replica: str, size: int) -> None:
+        self._forget_points(replica)
         os.truncate(self.replica(replica), size)
 
+    def _forget_points(self, replica: str) -> None:
+        for key in [k for k in self.recorded if k[0] == group_of(replica)]:
+            del self.recorded[key]
+
     def do_dr_damage(self, replica: str, offset: int, length: int) -> None:
+        self._forget_points(replica)
         with open(self.replica(replica), "r+b") as f:
             f.seek(offset)
             old = f.read(length)
@@ -525,6 +548,8 @@ class Rig:
                     raise CheckFailed("status says in-sync but replicas differ from the source:\n"
                                       + "\n".join(strict) + "\nstatus:\n" + json.dumps(st["disks"], indent=1))
                 if not strict and not leftover:
+                    if self.retain and not lenient:
+                        self._record_points(st)
                     break
                 problems = strict + leftover
             last = problems
@@ -551,6 +576,47 @@ class Rig:
     def check(self, lenient: bool = False) -> None:
         self.check_source()
         self.converge(lenient=lenient)
+
+    # ------------------------------------------------------- kept points
+
+    def _record_points(self, st: dict) -> None:
+        points: dict[str, set] = {}
+        for d in st["disks"]:
+            points.setdefault(group_of(d["path"]), set()).add((d.get("last_point") or {}).get("id"))
+        for group, ids in points.items():
+            if len(ids) != 1:
+                raise CheckFailed(f"{group}: its disks are in sync at different points {ids}")
+            point = ids.pop()
+            listed = [d["path"] for d in st["disks"] if group_of(d["path"]) == group]
+            self.recorded[(group, point)] = {p: (len(self.model.files[p]), sha(self.model.files[p])) for p in listed}
+        # The next cut falls in another slot of the policy: this point stays the newest of its slot.
+        time.sleep(RETAIN_SLOT + 0.05)
+
+    def check_points(self, rng: random.Random, sample: int | None) -> None:
+        """Recorded points (``sample`` of them, or all) from `vrfs test-failover
+        --format raw` against what the source held when they were seen."""
+        keys = sorted(self.recorded)
+        for group, point in keys if sample is None else rng.sample(keys, min(sample, len(keys))):
+            listed = json.loads(vrfs("points", "--store", f"dir:{self.store}", f"{NAME}/{group}", "--json",
+                                     check=False).stdout or "[]")
+            if point not in {p["id"] for p in listed}:
+                raise CheckFailed(f"point {point} of {group}, seen in sync, is not kept: the store has "
+                                  f"{[p['id'] for p in listed]}")
+            to = self.tmp / "test-failover"
+            r = vrfs("test-failover", "--store", f"dir:{self.store}", f"{NAME}/{group}", "--point", str(point),
+                     "--to", str(to), "--format", "raw", check=False, timeout=120)
+            if r.returncode != 0:
+                raise CheckFailed(f"test failover of point {point} of {group}: {r.stderr.strip()}")
+            try:
+                got = {p: (size, h) for p, (size, h, _) in files_under(to).items() if p != TEST_MARK}
+            finally:
+                vrfs("test-failover", "--cleanup", str(to))
+            want = self.recorded[(group, point)]
+            if got != want:
+                raise CheckFailed(f"point {point} of {group} differs from what the source held at its cut:\n"
+                                  + diff(want, got))
+            self.checks["points_compared"] += 1
+            self.checks["point_bytes_compared"] += sum(size for size, _ in want.values())
 
     def logs(self) -> str:
         def tail(p: Path, n: int) -> str:

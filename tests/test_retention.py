@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from mounthelpers import vrfs
-from sitehelpers import BS, MiB, NAME, Site, sha
+from sitehelpers import BS, MiB, NAME, Site, sha, sparse_sha
 from vrfs.errors import UserError
 from vrfs.retention import parse_policy, retained
 
@@ -169,7 +169,7 @@ def test_test_failover_of_an_older_point_costs_what_changed_not_the_disk(retaini
             f.seek(k)
             f.write(rng.randbytes(BS))
     point = site.wait_in_sync("vm1/big.raw", timeout=120)["vm1/big.raw"]["last_point"]["id"]
-    at_point = sha(site.src / "vm1/big.raw")
+    at_point = sparse_sha(site.src / "vm1/big.raw")
     time.sleep(SLOT + 1)  # the next point falls in another slot: this one is kept
     changed = rng.sample(range(size // BS), size // BS // 100)
     with open(site.mnt / "vm1/big.raw", "r+b") as f:
@@ -186,7 +186,7 @@ def test_test_failover_of_an_older_point_costs_what_changed_not_the_disk(retaini
     took = time.monotonic() - started
     base = Path(json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(to / "vm1/big.raw")],
                                           capture_output=True, text=True, check=True).stdout)["backing-filename"])
-    assert sha(base) == at_point
+    assert sparse_sha(base) == at_point
     started = time.monotonic()
     with open(site.replica("vm1/big.raw"), "rb") as src, open(tmp_path / "full-copy", "wb") as dst:
         while chunk := src.read(16 * MiB):
@@ -197,3 +197,33 @@ def test_test_failover_of_an_older_point_costs_what_changed_not_the_disk(retaini
     print(f"test failover of the older point: {took:.2f} s; a copy of the disk: {copy_took:.2f} s")
     assert took < 0.5 * copy_took, (took, copy_took)
     vrfs("test-failover", "--cleanup", str(to))
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_deleted_by_hand_loses_its_older_points_loudly_and_wedges_nothing(retaining_site: Site,
+                                                                                   tmp_path) -> None:
+    """A replica deleted at the DR site by hand takes with it what older
+    points were built on: the disk is rebuilt by a full sync and replication
+    goes on (it once stayed refused: the cycle's capture read the missing
+    replica), and a test failover of an older point says in one line that
+    this disk cannot be rebuilt, instead of giving other bytes."""
+    site = retaining_site
+    (site.mnt / "vm1").mkdir()
+    for name in ("a.raw", "b.raw"):
+        (site.mnt / "vm1" / name).write_bytes(random.Random(name).randbytes(3 * BS))
+    site.wait_converged("first point")
+    older = site.status()["vm1/a.raw"]["last_point"]["id"]
+    time.sleep(SLOT + 1)  # the next point falls in another slot: this one is kept
+    site.replica("vm1/a.raw").unlink()
+    site.server.stop()
+    site.server.start()  # the source learns of the loss at its handshake
+    with open(site.mnt / "vm1/b.raw", "r+b") as f:
+        f.write(b"new" * 100)
+    site.wait_converged("after the replica was deleted")
+    assert older in {p["id"] for p in points(site)}
+    result = vrfs("test-failover", "--store", site.store_url, f"{NAME}/vm1", "--point", str(older),
+                  "--to", str(tmp_path / "t"), check=False)
+    assert result.returncode == 1 and "vm1/a.raw cannot be rebuilt as of point" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "t").exists()
+    newest = site.status()["vm1/a.raw"]["last_point"]["id"]
+    assert image_hashes(site, newest, tmp_path) == snapshot(site)

@@ -414,3 +414,63 @@ async def test_handshake_abuse_blocks_no_source_and_leaks_nothing(tmp_path: Path
               f"a real source connected and committed in {took:.2f} s; {len(lines)} log lines")
     finally:
         assert server.stop() == 0
+
+
+FLOOD = """
+import socket, sys, time
+port, hello, until = int(sys.argv[1]), bytes.fromhex(sys.argv[2]), time.monotonic() + float(sys.argv[3])
+n = 0
+while time.monotonic() < until:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.2", 0))
+        s.connect(("127.0.0.1", port))
+        s.sendall(hello)
+        n += 1
+    except OSError:
+        pass
+    finally:
+        s.close()
+print(n)
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_a_handshake_flood_from_one_address_does_not_delay_another(tmp_path: Path) -> None:
+    """Two processes on 127.0.0.2 open connections and send a canned
+    ClientHello as fast as they can: each costs the receiver an ECDHE key and
+    a signature unless it is refused before TLS. A real source on 127.0.0.1
+    connects and commits meanwhile, as fast as without the flood (before
+    admission per address, it waited 4-5 s behind the flood in the listen
+    queue); the flood's address gets one log line when it starts."""
+    rx, srcs = pki(tmp_path, "hv1")
+    server = start(tmp_path, rx)
+    flooders: list[subprocess.Popen] = []
+    try:
+        link = await connect(server, srcs["hv1"], "hv1")
+        await ship(link, 2, b"A")
+        await link.aclose()
+        hello = client_hello().hex()
+        flooders = [subprocess.Popen([os.sys.executable, "-c", FLOOD, str(server.port), hello, "6"],
+                                     stdout=subprocess.PIPE, text=True) for _ in range(2)]
+        await trio.sleep(2)  # the flood is at full rate
+        took = []
+        for cycle_id in (3, 4, 5):
+            started = time.monotonic()
+            link = await connect(server, srcs["hv1"], "hv1", timeout=10)
+            await ship(link, cycle_id, b"BCD"[cycle_id - 3:cycle_id - 2])
+            await link.aclose()
+            took.append(time.monotonic() - started)
+        sent = sum(int(f.communicate(timeout=20)[0] or 0) for f in flooders)
+        print(f"\nflood of {sent} connections from 127.0.0.2; a real source connected and committed in "
+              + ", ".join(f"{t:.2f}" for t in took) + " s")
+        assert max(took) < 2, took
+        assert server.proc.poll() is None
+        log = server.log()
+        assert log.count("127.0.0.2: more than") == 1, log[-3000:]
+    finally:
+        for f in flooders:
+            if f.poll() is None:
+                f.kill()
+                f.wait(10)
+        assert server.stop() == 0

@@ -77,3 +77,17 @@ def test_parsing_operator_input():
                 lambda: parse_duration("0"), lambda: parse_address("h:0"), lambda: parse_size("x")):
         with pytest.raises(UserError):
             bad()
+
+
+def test_handshake_budget_per_address() -> None:
+    from vrfs.admission import HandshakeBudget, peer_address
+    budget = HandshakeBudget(burst=3, rate=2.0)
+    assert [budget.take("10.0.0.1", now=0.0) for _ in range(4)] == [True, True, True, False]
+    assert budget.take("10.0.0.2", now=0.0)  # another address has its own share
+    assert not budget.take("10.0.0.1", now=0.4) and budget.take("10.0.0.1", now=0.5)  # 2 a second
+    budget.give_back("10.0.0.1", now=0.5)  # a completed handshake costs nothing
+    assert budget.take("10.0.0.1", now=0.5) and not budget.take("10.0.0.1", now=0.5)
+    assert budget.tokens("10.0.0.1", now=100.0) == 3  # never more than the burst
+    assert peer_address("192.0.2.7:5555") == "192.0.2.7"
+    assert peer_address("[2001:db8:1:2:3:4:5:6]:5555") == "2001:db8:1:2::/64"
+    assert peer_address("[::ffff:192.0.2.7]:5555") == "192.0.2.7"

@@ -14,6 +14,13 @@ what happens when the process runs out of descriptors (docs/receiver.md,
   ``ACCEPT_RETRY`` seconds, and logs once more when it accepts again.
 - Log lines of connections that have not completed their handshake are
   rate limited (``QUIET_LINES`` a minute, then a count of the lines dropped).
+- Handshakes cost CPU (an ECDHE key and a signature) before anything proves
+  who the peer is, so each peer address (an IPv6 peer's /64) may start only
+  ``HANDSHAKE_BURST`` of them at once and ``HANDSHAKE_RATE`` a second after
+  that; a connection beyond its address's share is closed at once, before
+  any TLS work, which costs microseconds. A completed handshake gives its
+  token back, so a source never runs short by connecting. A flood from one
+  address thus keeps neither the CPU nor the listen queue from the others.
 
 The receiver tells us that a connection completed its handshake by calling
 :func:`established` from the connection's task. The stream handed to the
@@ -56,6 +63,9 @@ CLEAR_FRACTION = 0.25
 KEEPIDLE, KEEPINTVL, KEEPCNT = 60, 15, 4
 RECEIVE_SIZE = 256 << 10  # bytes a receive takes from the socket when the reader sets no bound
 QUIET_WINDOW = 60.0
+HANDSHAKE_BURST = 128  # handshakes one peer address may start at once
+HANDSHAKE_RATE = 32.0  # and then per second
+MAX_ADDRESSES = 4096  # addresses whose handshake budget is remembered
 QUIET_LINES = 10  # log lines per window for connections still in their handshake
 
 current_slot: ContextVar[Slot | None] = ContextVar("vrfs_admission_slot", default=None)
@@ -70,11 +80,14 @@ def configure(max_connections: int | None) -> None:
 
 def established() -> None:
     """The current connection completed its handshake (the receiver calls this
-    once HELLO is accepted): it is no longer evicted for a newcomer, and its
-    log lines are no longer rate limited. A no-op outside an admitted connection."""
+    once HELLO is accepted): it is no longer evicted for a newcomer, its log
+    lines are no longer rate limited, and its handshake costs its address
+    nothing. A no-op outside an admitted connection."""
     slot = current_slot.get()
-    if slot is not None:
+    if slot is not None and not slot.established:
         slot.established = True
+        if slot.gate is not None:
+            slot.gate.handshakes.give_back(peer_address(slot.peer))
 
 
 def descriptor_limit() -> int:
@@ -97,14 +110,70 @@ def connection_limit(requested: int | None) -> int:
 class Slot:
     """One admitted connection."""
 
-    __slots__ = ("established", "scope", "since", "waiting_since", "peer")
+    __slots__ = ("established", "scope", "since", "waiting_since", "peer", "gate")
 
-    def __init__(self, peer: str) -> None:
+    def __init__(self, peer: str, gate: Gate | None = None) -> None:
+        self.gate = gate
         self.established = False
         self.scope = trio.CancelScope()
         self.since = time.monotonic()
         self.waiting_since: float | None = None  # monotonic time since which it waits for its peer
         self.peer = peer
+
+
+class HandshakeBudget:
+    """Handshakes each peer address may start: a token bucket per address
+    (HANDSHAKE_BURST deep, refilled at HANDSHAKE_RATE a second). Addresses
+    whose bucket is full again are forgotten; past MAX_ADDRESSES the oldest
+    half is forgotten too (they start again with a full bucket: a flood
+    spread over that many addresses is one the network must stop)."""
+
+    def __init__(self, burst: int = HANDSHAKE_BURST, rate: float = HANDSHAKE_RATE) -> None:
+        self.burst, self.rate = float(burst), rate
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, when counted)
+        self.refused: dict[str, int] = {}  # address -> connections closed since its first refusal was logged
+
+    def take(self, address: str, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        tokens = self.tokens(address, now)
+        if tokens < 1:
+            return False
+        self.buckets.pop(address, None)  # re-inserted last: the dict stays in order of use
+        self.buckets[address] = (tokens - 1, now)
+        if len(self.buckets) > MAX_ADDRESSES:
+            self._forget(now)
+        return True
+
+    def give_back(self, address: str, now: float | None = None) -> None:
+        """A handshake completed: it costs its address nothing."""
+        if address in self.buckets:
+            now = time.monotonic() if now is None else now
+            self.buckets[address] = (min(self.burst, self.tokens(address, now) + 1), now)
+
+    def tokens(self, address: str, now: float) -> float:
+        tokens, then = self.buckets.get(address, (self.burst, now))
+        return min(self.burst, tokens + (now - then) * self.rate)
+
+    def _forget(self, now: float) -> None:
+        for address in [a for a in self.buckets if self.tokens(a, now) >= self.burst]:
+            del self.buckets[address]
+        if len(self.buckets) > MAX_ADDRESSES:
+            for address in list(self.buckets)[:len(self.buckets) // 2]:
+                del self.buckets[address]
+
+
+def peer_address(peer: str) -> str:
+    """What a peer's handshake budget is kept by: its IPv4 address, or its IPv6 /64."""
+    host = peer.rpartition(":")[0].strip("[]")
+    if ":" not in host:
+        return host
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+    except OSError:
+        return host
+    if packed.startswith(bytes(10) + b"\xff\xff"):  # an IPv4 peer on a dual-stack socket
+        return socket.inet_ntop(socket.AF_INET, packed[12:])
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 class Gate:
@@ -115,6 +184,31 @@ class Gate:
         self.slots: dict[Slot, None] = {}  # in order of admission
         self.full = False
         self.starved: OSError | None = None  # accept is failing for lack of resources
+        self.handshakes = HandshakeBudget()
+
+    def admit_address(self, peer: str) -> bool:
+        """Whether the peer's address may start one more handshake now."""
+        address = peer_address(peer)
+        if self.handshakes.take(address):
+            return True
+        if address not in self.handshakes.refused and len(self.handshakes.refused) < QUIET_LINES:
+            log.warning("%s: more than %d new connections at once and %g a second: those beyond are closed "
+                        "before their handshake", address, HANDSHAKE_BURST, HANDSHAKE_RATE)
+            self.handshakes.refused[address] = 0
+        self.handshakes.refused[address] = self.handshakes.refused.get(address, 0) + 1
+        return False
+
+    def flood_ended(self) -> None:
+        """One line for each address whose flood is over (its budget full again)."""
+        now = time.monotonic()
+        ended = [a for a in self.handshakes.refused if self.handshakes.tokens(a, now) >= HANDSHAKE_BURST]
+        for address in ended[:QUIET_LINES]:
+            log.info("%s: new connections admitted again; %d were closed before their handshake",
+                     address, self.handshakes.refused.pop(address))
+        if ended[QUIET_LINES:]:
+            closed = sum(self.handshakes.refused.pop(a) for a in ended[QUIET_LINES:])
+            log.info("%d more addresses: new connections admitted again; %d were closed before their handshake",
+                     len(ended) - QUIET_LINES, closed)
 
     def admit(self, peer: str) -> Slot | None:
         if len(self.slots) >= self.limit:
@@ -127,7 +221,7 @@ class Gate:
             if victim is None:
                 return None
             self._evict(victim)
-        slot = Slot(peer)
+        slot = Slot(peer, self)
         self.slots[slot] = None
         return slot
 
@@ -262,17 +356,18 @@ async def serve_listeners(handler: Callable[[AdmittedStream], Awaitable[object]]
         async with trio.open_nursery() as nursery:
             for listener in listeners:
                 nursery.start_soon(_accept_loop, listener, handler, gate, nursery)
-            nursery.start_soon(_roll, quiet)
+            nursery.start_soon(_roll, quiet, gate)
             task_status.started()
     finally:
         for name in loggers:
             logging.getLogger(name).removeFilter(quiet)
 
 
-async def _roll(quiet: _QuietUntilEstablished) -> None:
+async def _roll(quiet: _QuietUntilEstablished, gate: Gate) -> None:
     while True:
         await trio.sleep(QUIET_WINDOW / 4)
         quiet.roll()
+        gate.flood_ended()
 
 
 async def _accept_loop(listener: trio.SocketListener, handler: Callable[[AdmittedStream], Awaitable[object]],
@@ -287,7 +382,8 @@ async def _accept_loop(listener: trio.SocketListener, handler: Callable[[Admitte
             await trio.sleep(ACCEPT_RETRY)
             continue
         gate.accepted()
-        slot = gate.admit(_peer(stream))
+        peer = _peer(stream)
+        slot = gate.admit(peer) if gate.admit_address(peer) else None
         if slot is None:
             stream.socket.close()  # at once, nothing read
             continue

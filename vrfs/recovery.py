@@ -218,6 +218,7 @@ def test_failover(store: Store, source: str, group: str, to: Path, fmt: str = "q
     _group(store, source, group, point)  # the point may have gone with the cycle just applied
     _check_intact(store, source, state)
     state = _point_state(store, source, group, point)
+    store.check_point(source, group, state)
     made_to = not to.exists()
     _make_target(to)
     mark = {"store": store.url, "source": source, "group": group, "point": state.cycle_id, "format": fmt,
@@ -343,6 +344,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         _check_intact(store, source, newest)
     chosen = state.fenced.get("point") if state.fenced is not None else point
     state = _point_state(store, source, group, chosen)
+    store.check_point(source, group, state)  # before the fence: a point that cannot be had fences nothing
     block_size = {d.block_size for d in state.disks}
     if len(block_size) > 1:  # before the fence: a failover that cannot finish must not start
         raise UserError(f"{source}/{group}: its disks have different block sizes; a datastore has one")

@@ -30,7 +30,7 @@ from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.retention import Policy
 from vrfs.durable import atomic_write, remove_tree
 from vrfs.store.journal import Journal
-from vrfs.store.points import PointStore, clone
+from vrfs.store.points import PointLost, PointStore, clone
 from vrfs.testhooks import crash_point
 from vrfs.wire import ProtocolError, block_length, check_name, disk_from_json, disk_to_json, is_zero
 
@@ -458,8 +458,13 @@ class Store(ABC):
             if disk_id in changed and disk_id not in skip:
                 changed[disk_id].set(block_index)
         saves = {}
+        # A replica that is not there (deleted or cut short by hand at the DR
+        # site) has no before-images to give: the point, and every older one,
+        # can no longer rebuild that disk, and says so when asked for it.
+        lost = [entry.disk_id.hex() for entry in old.disks if entry.disk_id not in skip
+                and self.replica_damage(source, entry)]
         for entry in old.disks:
-            if entry.disk_id not in index_of:
+            if entry.disk_id not in index_of or entry.disk_id.hex() in lost:
                 continue  # deleted: its whole replica goes to the point (move_out)
             new = header.disks[index_of[entry.disk_id]]
             blocks = changed[entry.disk_id]
@@ -470,6 +475,8 @@ class Store(ABC):
             if blocks.count():
                 saves[entry.disk_id] = (self.replica_path(source, entry.path), entry, blocks)
         point = {"cycle_id": old.cycle_id, "cut_time": old.cut_time, "disks": old.to_json()["disks"]}
+        if lost:
+            point["lost"] = lost
         self.points.capture(source, header.group, point, saves)
         atomic_write(journal.path / Journal.CAPTURED, b"")
         return point_dir
@@ -506,6 +513,7 @@ class Store(ABC):
         """``disk`` as it was at ``point`` into the new file ``dest``: a copy
         of its replica (sharing extents where the file system can), with the
         blocks changed since the point put back."""
+        self.check_point(source, group, point, (disk,))
         newest = self.load_group(source, group)
         current = newest.by_id().get(disk.disk_id) if newest else None
         if current is not None:
@@ -515,6 +523,16 @@ class Store(ABC):
                 pass
         if newest is None or point.cycle_id != newest.cycle_id:
             self.points.apply_undo(source, group, point.cycle_id, disk, dest)
+
+    def check_point(self, source: str, group: str, point: GroupState, disks: tuple[DiskEntry, ...] = ()) -> None:
+        """Raise PointLost if a disk of the point (or of ``disks``) cannot be
+        rebuilt: recovery checks before it makes any image."""
+        lost = self.points.lost(source, group, point.cycle_id)
+        for disk in disks or point.disks:
+            if disk.disk_id.hex() in lost:
+                raise PointLost(f"{disk.path} cannot be rebuilt as of point {point.cycle_id}: its replica was "
+                                f"missing or cut short at the DR site when the cycle after point "
+                                f"{lost[disk.disk_id.hex()]} arrived")
 
     def delete_point(self, source: str, group: str, point: int) -> None:
         """Remove an older point; the others keep exactly their content."""

@@ -199,7 +199,7 @@ class DevStore(Store):
         new = {d.disk_id for d in header.disks}
         for disk_id, entry in old.items():
             dev = self.map.get((source, entry.path))
-            if disk_id not in new and dev is not None:
+            if disk_id not in new and dev is not None and not self.points.is_lost(retain_in, disk_id):
                 self.points.keep_whole(retain_in, disk_id, dev, entry, move=False)
 
     # --- points ----------------------------------------------------------------

@@ -133,7 +133,8 @@ class DirStore(Store):
                 copy_sparse(p, limbo / heir.disk_id.hex())
             if target is not None and target.path == entry.path:
                 continue
-            if self._is_file(p) and target is None and retain_in is not None:
+            if self._is_file(p) and target is None and retain_in is not None \
+                    and not self.points.is_lost(retain_in, disk_id):
                 # An older point keeps the deleted disk whole; a copy if a new disk starts from it.
                 self.points.keep_whole(retain_in, disk_id, p, entry, move=heir is None)
             if self._is_file(p):  # else already moved or removed by an earlier try

@@ -33,12 +33,17 @@ from pathlib import Path
 from vrfs.bitmap import Bitmap
 from vrfs.cycle import DiskEntry
 from vrfs.durable import atomic_write, fsync_dir, remove_tree
+from vrfs.errors import UserError
 from vrfs.retention import Policy, retained
 from vrfs.testhooks import crash_point
 from vrfs.wire import block_length
 
 FICLONE = 0x40049409  # share a file's extents (XFS, btrfs): a point copied in no time
 COPY_CHUNK = 4 << 20
+
+
+class PointLost(UserError):
+    """A disk of a point cannot be rebuilt: what it was built on is gone."""
 
 
 class PointStore:
@@ -110,6 +115,14 @@ class PointStore:
             os.close(src)
         atomic_write(Path(f"{dest}.map"), saved.to_bytes())
 
+    @staticmethod
+    def is_lost(point_dir: Path, disk_id: bytes) -> bool:
+        """Whether the point records that it cannot rebuild this disk."""
+        try:
+            return disk_id.hex() in json.loads((point_dir / "point.json").read_bytes()).get("lost", ())
+        except FileNotFoundError:
+            return False
+
     def keep_whole(self, point_dir: Path, disk_id: bytes, replica: Path, entry: DiskEntry, move: bool) -> None:
         """A disk the cycle deletes: the point keeps its whole replica (moved
         when nothing else needs it, copied when a new disk starts from it or
@@ -156,7 +169,14 @@ class PointStore:
         """Blocks of ``point``'s undo that ``into`` lacks go to ``into``."""
         src_dir = self.group_dir(source, group) / str(point) / "undo"
         dst_dir = self.group_dir(source, group) / str(into) / "undo"
-        disks = {d["disk_id"]: d for d in self.load(source, group, into)["disks"]}
+        older = self.load(source, group, into)
+        disks = {d["disk_id"]: d for d in older["disks"]}
+        # A disk the pruned point could not rebuild, the older one cannot either.
+        lost = sorted(set(older.get("lost", [])) | {d for d in self.load(source, group, point).get("lost", [])
+                                                    if d in disks})
+        if lost != sorted(older.get("lost", [])):
+            atomic_write(self.group_dir(source, group) / str(into) / "point.json",
+                         json.dumps({**older, "lost": lost}).encode())
         for data in sorted(src_dir.glob("*.map")):
             disk_hex = data.name[:-len(".map")]
             entry = disks.get(disk_hex)
@@ -202,15 +222,25 @@ class PointStore:
 
     # --- reading ---------------------------------------------------------------
 
+    def lost(self, source: str, group: str, point: int) -> dict[str, int]:
+        """The disks (hex id) that ``point`` cannot rebuild, each with the
+        point whose capture found its replica missing or cut short."""
+        out: dict[str, int] = {}
+        for undo_point in reversed([i for i in self.ids(source, group) if i >= point]):
+            for disk_hex in self.load(source, group, undo_point).get("lost", ()):
+                out[disk_hex] = undo_point
+        return out
+
     def apply_undo(self, source: str, group: str, point: int, disk: DiskEntry, image: Path) -> None:
         """Turn ``image``, a copy of ``disk``'s replica at the group's newest
         point (empty if the disk was deleted since), into the disk as of the
         older ``point``: the undo blocks of every retained point from the
         newest down to ``point`` are written over it, so the earliest
         before-image after ``point`` wins. Durable on return."""
+        undo_points = [i for i in self.ids(source, group) if i >= point]
         fd = os.open(image, os.O_WRONLY | os.O_CLOEXEC)
         try:
-            for undo_point in reversed([i for i in self.ids(source, group) if i >= point]):
+            for undo_point in reversed(undo_points):
                 undo = self.group_dir(source, group) / str(undo_point) / "undo" / disk.disk_id.hex()
                 if not undo.exists():
                     continue
