@@ -1,9 +1,12 @@
 """Recovery as an unlucky operator or a hostile local user would do it, on a
-real `vrfs serve` (cycles sent over TLS by the test as the source hv1): the
-commands in the wrong order, interrupted, with and without the server, into
-odd places. Every image is compared byte for byte with what the source held
-at its point's cut; no mistake may cost a retained point or a replica, and
-each gets one line on stderr and a non-zero exit."""
+real `vrfs serve` (cycles sent over TLS by the test as the source hv1, whose
+content at every cut it records), real `vrfs mount`s, tmpfs targets and loop
+devices: the commands in the wrong order, at once, killed half way (the
+VRFS_TEST_CRASH points), with and without the server, into odd places and
+full file systems. Every image is compared byte for byte with what the
+source held at its point's cut; no mistake may cost a retained point or a
+replica, or leave a group fenced with no way to finish, and each gets one
+line on stderr and a non-zero exit."""
 
 from __future__ import annotations
 
@@ -388,13 +391,21 @@ async def test_a_failover_killed_half_way_is_finished_by_the_same_command(tmp_pa
 
 def vrfs_at_once(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
     """Start the commands together; their results, in order."""
-    procs = [subprocess.Popen(vrfs_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              cwd=REPO, env=vrfs_env()) for args in commands]
-    out = []
-    for args, proc in zip(commands, procs, strict=True):
-        stdout, stderr = proc.communicate(timeout=60)
-        out.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
-    return out
+    procs = []
+    try:
+        for args in commands:
+            procs.append(subprocess.Popen(vrfs_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, cwd=REPO, env=vrfs_env()))
+        out = []
+        for args, proc in zip(commands, procs, strict=True):
+            stdout, stderr = proc.communicate(timeout=50)
+            out.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+        return out
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()  # by its PID
+                proc.wait(10)
 
 
 def hold_store_lock(store: Path) -> int:
