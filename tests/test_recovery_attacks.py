@@ -526,11 +526,13 @@ async def test_test_failovers_of_older_points_while_cycles_arrive_and_pruning_ru
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE")
-def test_reprotect_refuses_a_served_datastore_and_finishes_after_a_kill(tmp_path: Path, mount_factory) -> None:
-    """A real datastore of two disks: reprotect while `vrfs mount` serves it is
-    refused; into a dev: store it is refused; killed after the first disk
-    became a seed, the same command finishes, and every seed is the image."""
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
+def test_reprotect_refuses_a_served_datastore_and_finishes_after_a_kill(tmp_path: Path, mount_factory,
+                                                                        tmpfs) -> None:
+    """A real datastore of two disks, on a tmpfs (each seed is a copy across
+    file systems): reprotect while `vrfs mount` serves it is refused; into a
+    dev: store it is refused; killed after the first disk became a seed, the
+    same command finishes, and every seed is the image."""
+    src, mnt = tmpfs("16m") / "src", tmp_path / "mnt"
     src.mkdir()
     mnt.mkdir()
     m = mount_factory(src, mnt)

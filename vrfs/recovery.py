@@ -420,6 +420,15 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
     with what its state file knows: the last point its source had
     acknowledged, and the blocks changed after it. A disk failed over at that
     very point then costs only the blocks changed on either side since."""
+    try:
+        return _reprotect(store, datastore)
+    except OSError as exc:  # the store full, say: every step is redone or skipped by the next run
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UserError(f"reprotect of {datastore} stopped: {exc.strerror or exc}{where}; run the same command "
+                        "again to finish it") from None
+
+
+def _reprotect(store: Store, datastore: Path) -> list[str]:
     dstore = _dir_store(store)
     _outside_store(store, datastore, "the datastore")
     _not_in_a_vrfs_mount(datastore, "the datastore")
@@ -446,7 +455,11 @@ def reprotect(store: Store, datastore: Path) -> list[str]:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            copy_sparse(image, Path(f"{target}.tmp"))
+            try:
+                copy_sparse(image, Path(f"{target}.tmp"))
+            except OSError:
+                Path(f"{target}.tmp").unlink(missing_ok=True)  # its space, for the next try
+                raise
             os.replace(f"{target}.tmp", target)
             os.unlink(image)
         crash_point("reprotect-seeded")
