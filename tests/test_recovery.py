@@ -234,3 +234,35 @@ async def test_a_source_whose_disk_history_diverged_is_refused(tmp_path) -> None
         await link.aclose()
     finally:
         server.stop()
+
+
+def test_a_whole_site_fails_over_into_one_datastore(site: Site, tmp_path: Path, mount_factory) -> None:
+    """Group after group into the same datastore, which `vrfs mount` then
+    serves whole, every disk tracked from its own group's point; a group
+    whose directory the datastore already holds is refused before its fence."""
+    at_point = replicate_a_vm(site)
+    for vm in ("vm2", "vm3"):
+        (site.mnt / vm).mkdir()
+        (site.mnt / vm / "disk.raw").write_bytes(os.urandom(3 * BS))
+        at_point[f"{vm}/disk.raw"] = sha(site.mnt / vm / "disk.raw")
+    site.wait_converged("three VMs replicated")
+    target = tmp_path / "dr-datastore"
+    for vm in ("vm1", "vm2"):
+        out = vrfs("failover", "--store", site.store_url, f"hv1/{vm}", "--to", str(target)).stdout
+        assert f"hv1/{vm} failed over at point" in out, out
+    (target / "vm3").mkdir()  # something of the DR site's own, by that name
+    refused = vrfs("failover", "--store", site.store_url, "hv1/vm3", "--to", str(target), check=False)
+    assert refused.returncode == 1 and "already holds vm3" in refused.stderr, refused.stderr
+    status = {d["path"]: d["state"] for d in json.loads(vrfs("status", "--store", site.store_url, "--json").stdout)}
+    assert status["vm3/disk.raw"] == "ok", status  # not fenced: nothing was done to it
+    (target / "vm3").rmdir()
+    vrfs("failover", "--store", site.store_url, "hv1/vm3", "--to", str(target))
+    for p, h in at_point.items():
+        assert sha(target / p) == h, p
+    lineage = json.loads((target / ".vrfs/lineage.json").read_text())
+    assert {v["group"] for v in lineage.values()} == {"vm1", "vm2", "vm3"}
+    site.mount.umount()
+    m = mount_factory(target, None)
+    disks = {d["path"]: d for d in m.status()}
+    assert set(disks) == set(at_point)
+    assert all(d["state"] == "tracking" and d["dirty_blocks"] == 0 for d in disks.values()), disks

@@ -131,6 +131,30 @@ def _empty_target(store: Store, to: Path, datastore_ok: bool = False) -> None:
         raise UserError(f"{to} exists and is not an empty directory")
 
 
+def _failover_target(store: Store, to: Path, group: str, block_sizes: set[int]) -> None:
+    """Where a failover may put a group: what a test failover may use, or a
+    datastore (not served) that does not hold the group yet and tracks in
+    the group's block size, so that a whole site fails over into one
+    datastore, group by group (or the old one, emptied by a reprotect)."""
+    config = to / STATE_DIR / CONFIG_NAME
+    if to.is_symlink() or not config.is_file():
+        _empty_target(store, to, datastore_ok=True)
+        return
+    _outside_store(store, to, "--to")
+    _not_in_a_vrfs_mount(to, "--to")
+    if (to / TEST_MARK).exists():
+        raise UserError(f"{to} holds a test failover; `vrfs test-failover --cleanup {to}` removes it")
+    if os.path.lexists(to / group):
+        raise UserError(f"{to} already holds {group}; fail {group} over elsewhere, or move it away first")
+    try:
+        block_size = int(json.loads(config.read_bytes())["block_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{to}: cannot read its settings ({exc})") from None
+    if block_sizes - {block_size}:
+        raise UserError(f"{to} tracks {block_size}-byte blocks, {group}'s disks have "
+                        f"{', '.join(map(str, sorted(block_sizes)))}; fail it over into another directory")
+
+
 def _outside_store(store: Store, path: Path, what: str) -> None:
     """``path`` (which may not exist yet) must be neither inside the store's
     directories nor hold them."""
@@ -337,7 +361,7 @@ def failover(store: Store, source: str, group: str, to: Path, point: int | None 
         raise UserError(f"{source}/{group} is being {state.fenced.get('reason')}; "
                         "run the same command again to finish it")
     if not resuming:
-        _empty_target(store, to, datastore_ok=True)
+        _failover_target(store, to, group, {d.block_size for d in state.disks})
     newest = _settled(store, source, group)
     if not resuming:
         _group(store, source, group, point)  # the point may have gone with the cycle just applied
