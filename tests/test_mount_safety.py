@@ -16,8 +16,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyfuse3
@@ -299,3 +301,16 @@ async def test_read_errors_still_reach_the_caller(tmp_path, monkeypatch):
     finally:
         os.close(fh)
         os.close(root)
+
+
+def test_sigusr1_puts_every_threads_stack_in_the_log_and_the_datastore_goes_on(datastore) -> None:
+    """What `vrfs umount` asks of a daemon that does not stop: where each of
+    its threads is, in its log, while it keeps serving."""
+    (datastore.mountpoint / "a.raw").write_bytes(b"x" * 4096)
+    os.kill(datastore.proc.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "most recent call first" not in datastore.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "most recent call first" in datastore.log() and "vrfs/mount.py" in datastore.log(), datastore.log()
+    assert (datastore.mountpoint / "a.raw").read_bytes() == b"x" * 4096
+    datastore.umount()

@@ -4,8 +4,11 @@ one-line startup error (exit 1). Forks before trio starts."""
 
 from __future__ import annotations
 
+import faulthandler
+import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -14,14 +17,37 @@ from vrfs.errors import UserError
 log = logging.getLogger("vrfs.daemon")
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+STACKS_SIGNAL = signal.SIGUSR1
+
+
+_log_stream = None  # where the stacks go (below): the daemon's log
 
 
 def setup_logging(stream, debug: bool) -> None:
+    global _log_stream
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    # SIGUSR1 writes every thread's stack to the log, even when the trio
+    # thread is stuck: `vrfs umount` sends it to a daemon that does not stop.
+    try:
+        faulthandler.register(STACKS_SIGNAL, file=stream, all_threads=True)
+        _log_stream = stream
+    except (AttributeError, ValueError, OSError, io.UnsupportedOperation):
+        pass  # a stream without a descriptor: no stacks
+
+
+def report_stacks_after(seconds: float) -> None:
+    """Until cancel_stack_report(): every ``seconds``, every thread's stack to
+    the log (a shutdown that does not finish says where it waits)."""
+    if _log_stream is not None:
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=_log_stream)
+
+
+def cancel_stack_report() -> None:
+    faulthandler.cancel_dump_traceback_later()
 
 
 def run_in_background(service: Callable[[Callable[[], None]], int], log_stream_opener: Callable[[], object],

@@ -34,6 +34,7 @@ from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 log = logging.getLogger("vrfs.mount")
 
 DEFAULT_BLOCK_SIZE = 64 << 10
+SHUTDOWN_REPORT_AFTER = 20.0  # seconds of shutdown after which the daemon logs where every thread is
 
 
 @dataclass
@@ -357,10 +358,13 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
             await pyfuse3.main(min_tasks=4)
             # The kernel is done with us: no more writes can arrive. A cycle in
             # flight stays unacknowledged; its blocks stay dirty.
+            log.info("shutting down: stopping the shipper, then the final checkpoint")
+            daemon.report_stacks_after(SHUTDOWN_REPORT_AFTER)
             shipping.cancel_scope.cancel()
         if tracker is not None:
             await tracker.shutdown()
         nursery.cancel_scope.cancel()
+    daemon.cancel_stack_report()
 
 
 async def _stop_on_signal() -> None:

@@ -7,6 +7,7 @@ import os
 import subprocess
 import time
 
+from vrfs.daemon import STACKS_SIGNAL
 from vrfs.errors import UserError
 from vrfs.mountinfo import is_fuse_mount, mount_pid
 from vrfs.parse import parse_duration
@@ -19,7 +20,13 @@ def umount_main(args) -> int:
     if not is_fuse_mount(mountpoint) and not os.path.isdir(mountpoint):
         raise UserError(f"{mountpoint} is not a directory")
     pid = mount_pid(mountpoint)
-    result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    try:
+        result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _ask_for_stacks(pid)
+        raise UserError(f"fusermount3 -u {mountpoint} did not return within {args.timeout}: the vrfs daemon "
+                        f"(pid {pid}) does not answer the kernel; the stacks of its threads are in its log. "
+                        f"`fusermount3 -uz {mountpoint}` detaches the mount lazily") from None
     if result.returncode != 0:
         reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "unknown error"
         if "busy" in reason.lower():
@@ -28,9 +35,20 @@ def umount_main(args) -> int:
     deadline = time.monotonic() + timeout
     while _alive(pid):
         if time.monotonic() > deadline:
-            raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}")
+            _ask_for_stacks(pid)
+            raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}; the stacks of "
+                            "its threads are in its log")
         time.sleep(0.05)
     return 0
+
+
+def _ask_for_stacks(pid: int | None) -> None:
+    """The daemon writes every thread's stack to its log (vrfs/daemon.py)."""
+    if pid is not None and _alive(pid):
+        try:
+            os.kill(pid, STACKS_SIGNAL)
+        except OSError:
+            pass
 
 
 def _alive(pid: int) -> bool:
