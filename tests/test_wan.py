@@ -53,9 +53,8 @@ def wan_site(tmp_path: Path, mount_factory, stack, mbit: float, rtt: float, *mou
     """A Site whose receiver sits behind a Wan; the mount is not started yet."""
     wan = Wan(stack, mbit, rtt)
     site = Site(tmp_path, mount_factory, stack)
-    site.server.netns, site.server.host = wan.ns, "127.0.0.1"
+    site.server.netns, site.server.host = wan.ns, wan.theirs
     site.serve()
-    site.peer_host = wan.relay(site.server.port)
     site.rpo = "5s"
     site.mount_args = mount_args
     if image:

@@ -1,0 +1,116 @@
+"""A packet delay line on a TUN device: the round trip of a WAN below TCP
+(there is no `netem` on these machines).
+
+    python tests/wandelay.py TUN_NAME DELAY_SECONDS [MAX_QUEUED_BYTES]
+
+Creates the TUN device TUN_NAME (IFF_TUN | IFF_NO_PI: every read is one IP
+packet, every write injects one) in the caller's network namespace, prints
+"ready", then writes every packet it reads back into the same device DELAY
+seconds after it arrived. The router namespace's policy routing sends the
+packets of both sites into the device and routes what comes back out of it
+by the main table (tests/wanhelpers.py), so each direction crosses the line
+once and TCP at either end sees the delay in its own round trip.
+
+One thread, no stop-and-wait: reading goes on while earlier packets wait,
+in order (one delay for all, so FIFO is the schedule). A packet that would
+make more than MAX_QUEUED_BYTES wait (default 64 MiB) is dropped, as a full
+router queue would. Whoever started it ends it by its PID (SIGTERM); at
+SIGTERM or SIGINT it prints what it carried to standard error:
+packets, bytes, drops, and how late packets left (mean, 99th percentile and
+worst, in microseconds) against their due time.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import select
+import signal
+import struct
+import sys
+import time
+
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+READ_SIZE = 65536  # an IP packet is at most 65535 bytes
+LATENESS_SAMPLES = 1 << 16  # a ring of the latest lateness figures, for the summary
+
+
+def open_tun(name: str) -> int:
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK)
+    fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
+    return fd
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.packets = 0
+        self.bytes = 0
+        self.drops = 0
+        self.late: collections.deque[float] = collections.deque(maxlen=LATENESS_SAMPLES)
+        self.started = time.monotonic()
+
+    def summary(self) -> str:
+        seconds = max(1e-9, time.monotonic() - self.started)
+        late = sorted(self.late) or [0.0]
+        mean = sum(late) / len(late)
+        p99 = late[min(len(late) - 1, int(len(late) * 0.99))]
+        return (f"packets {self.packets} bytes {self.bytes} drops {self.drops} over {seconds:.1f} s; "
+                f"late by mean {mean * 1e6:.0f} us, p99 {p99 * 1e6:.0f} us, max {late[-1] * 1e6:.0f} us "
+                f"(last {len(self.late)} packets)")
+
+
+def run(fd: int, delay: float, max_queued: int, stats: Stats) -> None:
+    queue: collections.deque[tuple[float, bytes]] = collections.deque()
+    queued = 0
+    while True:
+        if queue:
+            timeout = max(0.0, queue[0][0] - time.monotonic())
+            readable, _, _ = select.select([fd], [], [], timeout)
+        else:
+            readable, _, _ = select.select([fd], [], [])
+        if readable:
+            # Drain what is there, so that one timestamp is not shared by a
+            # burst that arrived over a long time (each read is stamped).
+            for _ in range(64):
+                try:
+                    packet = os.read(fd, READ_SIZE)
+                except BlockingIOError:
+                    break
+                if queued + len(packet) > max_queued:
+                    stats.drops += 1
+                    continue
+                queue.append((time.monotonic() + delay, packet))
+                queued += len(packet)
+        while queue and queue[0][0] <= time.monotonic():
+            due, packet = queue.popleft()
+            queued -= len(packet)
+            try:
+                os.write(fd, packet)
+            except OSError:
+                stats.drops += 1
+                continue
+            stats.packets += 1
+            stats.bytes += len(packet)
+            stats.late.append(time.monotonic() - due)
+
+
+def main() -> None:
+    name, delay = sys.argv[1], float(sys.argv[2])
+    max_queued = int(sys.argv[3]) if len(sys.argv) > 3 else 64 << 20
+    fd = open_tun(name)
+    stats = Stats()
+
+    def stop(signum: int, frame: object) -> None:
+        print(stats.summary(), file=sys.stderr, flush=True)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print("ready", flush=True)
+    run(fd, delay, max_queued, stats)
+
+
+if __name__ == "__main__":
+    main()
