@@ -19,6 +19,7 @@ helper processes ended by PID, namespaces and links deleted.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -95,6 +96,11 @@ class DelayLine:
             end_process(self.proc)
             assert self.proc.stderr is not None
             self.summary = self.proc.stderr.read().decode(errors="replace").strip()
+
+    def stats(self) -> dict:
+        """What it carried (tests/wandelay.py): packets, bytes, drops, lateness; ends it."""
+        self.stop()
+        return json.loads(self.summary)
 
     def counters(self, dev: str) -> tuple[int, int]:
         """(rx_bytes, tx_bytes) of DEV in the delay line's namespace, read
