@@ -11,10 +11,12 @@ Figures are printed (pytest -s) and appended to $VRFS_WAN_REPORT
 from __future__ import annotations
 
 import datetime
+import socket
 import math
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import trio.testing
 from sitehelpers import Site
 from vrfs.bwlimit import Schedule, TokenBucket, parse_schedule
 from vrfs.errors import UserError
-from wanhelpers import RsyncDaemon, Sampler, Wan
+from wanhelpers import RsyncDaemon, Sampler, Wan, end_process
 
 MB = 1_000_000
 MiB = 1 << 20
@@ -150,6 +152,75 @@ def _hms(t: float) -> str:
 
 
 # ------------------------------------------------------- on the wire
+
+# A TCP server for the bed's own check: a connection that starts with b"e"
+# is echoed, any other is read and discarded. Buffers of 16 MB (forced past
+# net.core.rmem_max, as root) so that the window is not what limits it.
+PROBE_SERVER = """
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen(4)
+print("ready", flush=True)
+def serve(c):
+    echo = c.recv(1) == b"e"
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    while data := c.recv(1 << 20):
+        if echo:
+            c.sendall(data)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"""
+
+
+@needs_netns
+@pytest.mark.wan
+@pytest.mark.timeout(60)
+def test_bed_round_trip_and_single_tcp_stream(stack):
+    """The bed itself, before vrfs is put on it: a request and its answer take
+    the configured round trip, and one plain TCP stream with big enough buffers
+    fills 200 Mbit/s at 100 ms, measured at the bottleneck."""
+    wan = Wan(stack, 200, 0.1)
+    server = subprocess.Popen(["ip", "netns", "exec", wan.ns, sys.executable, "-c", PROBE_SERVER, wan.theirs, "5201"],
+                              stdout=subprocess.PIPE)
+    stack.callback(end_process, server)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+
+    with socket.create_connection((wan.theirs, 5201), timeout=10) as echo:
+        echo.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        echo.sendall(b"e")
+        rtts = []
+        for _ in range(10):
+            t0 = time.monotonic()
+            echo.sendall(b"x" * 100)
+            got = b""
+            while len(got) < 100:
+                got += echo.recv(100)
+            rtts.append(time.monotonic() - t0)
+    rtts.sort()
+
+    link = 200e6 / 8
+    sink = socket.socket()
+    stack.callback(sink.close)
+    sink.setsockopt(socket.SOL_SOCKET, 32, 16 << 20)  # SO_SNDBUFFORCE: the bandwidth-delay product is 2.5 MB
+    sink.connect((wan.theirs, 5201))
+    sink.sendall(b"s")
+    chunk = os.urandom(1 << 20)
+    with Sampler(wan) as sampler:
+        started = time.monotonic()
+        while time.monotonic() < started + 6:
+            sink.sendall(chunk)
+    rate = sampler.rate(started + 2, started + 6) / link
+    line = wan.delay.stats() if wan.delay else {}
+    report(f"bed 200mbit/100ms: round trip median {rtts[5] * 1000:.1f} ms (min {rtts[0] * 1000:.1f}, max "
+           f"{rtts[-1] * 1000:.1f}); one TCP stream {rate:.3f} of the link from 2 s to 6 s; delay line {line}")
+    assert 0.099 <= rtts[0] and rtts[-1] <= 0.11, rtts
+    assert rate >= 0.93, rate
+    assert line["drops"] == 0 and line["late_p99_us"] < 5000, line
+
+
 
 @needs_netns
 @pytest.mark.wan
