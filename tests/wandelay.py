@@ -75,8 +75,8 @@ def run(fd: int, delay: float, max_queued: int, stats: Stats) -> None:
         else:
             readable, _, _ = select.select([fd], [], [])
         if readable:
-            # Drain what is there, so that one timestamp is not shared by a
-            # burst that arrived over a long time (each read is stamped).
+            # Read what is waiting (a bounded number, so that due packets
+            # are not held back by a flood); each is stamped as it is read.
             for _ in range(64):
                 try:
                     packet = os.read(fd, READ_SIZE)
