@@ -51,6 +51,7 @@ def random_image(path: Path, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size // (4 * MiB)):
             f.write(os.urandom(4 * MiB))
+    os.sync()  # its writeback would compete with the transfer for the CPUs
 
 
 def wan_site(tmp_path: Path, mount_factory, stack, mbit: float, rtt: float, *mount_args: str,
@@ -219,7 +220,7 @@ def test_bed_round_trip_and_single_tcp_stream(stack):
     line = wan.delay.stats() if wan.delay else {}
     report(f"bed 200mbit/100ms: round trip median {rtts[5] * 1000:.1f} ms (min {rtts[0] * 1000:.1f}, max "
            f"{rtts[-1] * 1000:.1f}); one TCP stream {rate:.3f} of the link from 2 s to 6 s; delay line {line}")
-    assert 0.099 <= rtts[0] and rtts[-1] <= 0.11, rtts
+    assert 0.1 <= rtts[0] and rtts[5] <= 0.103, rtts  # never shorter; the median within 3 ms
     assert rate >= 0.93, rate
     assert line["drops"] == 0 and line["late_p99_us"] < 5000, line
 
