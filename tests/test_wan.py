@@ -35,8 +35,9 @@ from wanhelpers import RsyncDaemon, Sampler, Wan, end_process
 MB = 1_000_000
 MiB = 1 << 20
 REPORT = Path(os.environ.get("VRFS_WAN_REPORT", "/tmp/vrfs-wan-report.txt"))
-needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not os.path.exists("/dev/fuse"),
-                                 reason="needs root (network namespaces, tc) and /dev/fuse")
+needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ethtool")
+                                 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/net/tun"),
+                                 reason="needs root (network namespaces, tc, ethtool, /dev/net/tun) and /dev/fuse")
 
 
 def report(line: str) -> None:
