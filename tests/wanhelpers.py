@@ -1,23 +1,25 @@
-"""A WAN test bed that the tests build themselves: a network namespace joined
-to this one by a veth pair, `tbf` on both ends for the rate, and a delaying
-TCP relay (tests/wanrelay.py) in the namespace for the round trip.
+"""A WAN test bed that the tests build themselves: the DR site in a network
+namespace, joined to this one (the protected site) through a router
+namespace where a packet delay line (tests/wandelay.py, on a TUN device)
+adds the round trip and `tbf` limits the rate each way:
 
-    root namespace                          namespace vrfsw...
-    vrfs mount ── veth (tbf) ═══════ veth (tbf) ── wanrelay (RTT/2 each way)
-                  10.201.N.1/30      10.201.N.2/30    └─► 127.0.0.1:PORT vrfs serve
+    root namespace          router namespace                     site namespace
+    vrfs mount ── veth ═══ veth ─► tun: wandelay (RTT/2) ─► veth ═══ veth ── vrfs serve
+                           (tbf)                            (tbf)
 
-The relay listens on the namespace's veth address at the receiver's port, so
-a `Site` whose server runs in the namespace on 127.0.0.1 needs only
-``peer_host`` set. What the source sends on the wire is the root side's
-``tx_bytes``. The relay splits the TCP connection: the source's TCP sees the
-veth's round trip, the protocol sees the relay's (docs/wan.md).
+The delay is below TCP: both ends' TCP sees the whole round trip, so the
+socket buffers and the sender's window are what a real long fat link asks
+of them. A `Site` whose server runs in the site namespace listens on the
+Wan's `theirs` address; the mount connects to it directly. What the source
+sends on the wire is the router's egress towards the site (`tx_bytes`).
 
 Everything is removed in cleanup (an ExitStack), whatever the test did:
-relays ended by PID, namespaces and links deleted.
+helper processes ended by PID, namespaces and links deleted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -26,13 +28,10 @@ import sys
 import threading
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sitehelpers import run
-
-RELAY = Path(__file__).resolve().parent / "wanrelay.py"
-
 
 def netns(stack: ExitStack, tag: str, net: int = 201) -> tuple[str, str, str, str]:
     """A network namespace with a veth pair to it, 10.NET.X.1 here and
@@ -57,67 +56,154 @@ def netns(stack: ExitStack, tag: str, net: int = 201) -> tuple[str, str, str, st
     return name, here, ours, theirs
 
 
-def shape(dev: str, mbit: float, ns: str | None = None) -> None:
-    """`tbf` at MBIT megabits per second on DEV's egress (0: remove it)."""
+MTU = 65000  # every link of the path: few enough packets for a delay line in Python (docs/wan.md)
+DELAY = Path(__file__).resolve().parent / "wandelay.py"
+
+
+def shape(dev: str, mbit: float, ns: str | None = None, mtu: int = 1500, queue: float = 0.05) -> None:
+    """`tbf` at MBIT megabits per second on DEV's egress (0: remove it), its
+    queue holding QUEUE seconds of the rate (at least 4 packets)."""
     prefix = ["ip", "netns", "exec", ns] if ns else []
     if not mbit:
         subprocess.run(prefix + ["tc", "qdisc", "del", "dev", dev, "root"], capture_output=True)
         return
-    burst = max(64 << 10, int(mbit * 1e6 / 8 * 0.002))  # 2 ms of the rate, at least a GSO packet
+    rate = mbit * 1e6 / 8
+    # The bucket must hold a whole frame, or tbf drops every frame larger than it.
+    burst = max(64 << 10, mtu + 14, int(rate * 0.002))
+    limit = max(4 * (mtu + 14), int(rate * queue))
     run(*prefix, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", f"{mbit}mbit",
-        "burst", str(burst), "latency", "50ms")
+        "burst", str(burst), "limit", str(limit))
 
 
-class Relay:
-    """tests/wanrelay.py in a namespace; stopped by PID."""
+class DelayLine:
+    """tests/wandelay.py in a namespace: a TUN device named TUN there whose
+    packets come back DELAY seconds later; stopped by PID."""
 
-    def __init__(self, ns: str, listen: str, target: str, delay: float) -> None:
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(RELAY), listen, target,
-                                      str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def __init__(self, ns: str, tun: str, delay: float) -> None:
+        self.ns = ns
+        self.summary = ""
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(DELAY), tun, str(delay)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != b"ready":
             self.stop()
-            raise RuntimeError(f"relay did not start: {line!r} {self.proc.stderr.read() if self.proc.stderr else ''}")
+            raise RuntimeError(f"delay line did not start: {line!r} {self.summary}")
 
     def stop(self) -> None:
-        end_process(self.proc)
+        """End it; what it carried (packets, bytes, drops, lateness) is then in `summary`."""
+        if self.proc.poll() is None:
+            end_process(self.proc)
+            assert self.proc.stderr is not None
+            self.summary = self.proc.stderr.read().decode(errors="replace").strip()
+
+    def stats(self) -> dict:
+        """What it carried (tests/wandelay.py): packets, bytes, drops, lateness; ends it."""
+        self.stop()
+        return json.loads(self.summary)
+
+    def counters(self, dev: str) -> tuple[int, int]:
+        """(rx_bytes, tx_bytes) of DEV in the delay line's namespace, read
+        through /proc/PID/net/dev (cheap enough to sample often)."""
+        for line in Path(f"/proc/{self.proc.pid}/net/dev").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name.strip() == dev:
+                fields = rest.split()
+                return int(fields[0]), int(fields[8])
+        raise KeyError(dev)
 
 
 @dataclass
 class Wan:
-    """A link of `mbit` (0: unshaped) with `rtt` seconds of round trip added by relays."""
+    """Two sites joined through a router namespace that adds `rtt` seconds of
+    round trip (a packet delay line) and limits each direction to `mbit`
+    (0: unshaped) with `tbf`:
+
+        root namespace (site A)     router namespace            site namespace (B)
+        HERE 10.201.N.1/30 ═══ 10.201.N.2 [tun: RTT/2 each way] 10.201.N.5 ═══ 10.201.N.6/30 THERE
+                                  tbf on both egress veths
+
+    The site namespace is `ns`; a process there listens on `theirs` and the
+    root namespace reaches it directly. Every link has the MTU `mtu`."""
 
     stack: ExitStack
     mbit: float
     rtt: float
     tag: str = "w"
+    mtu: int = MTU
+    queue: float = 0.05  # seconds of the rate the bottleneck's queue holds (a router's buffer)
     ns: str = ""
+    router: str = ""
     here: str = ""
     ours: str = ""
     theirs: str = ""
-    relays: list[Relay] = field(default_factory=list)
+    to_site: str = ""  # the router's egress towards the site: the bottleneck of what A sends
+    to_root: str = ""  # the router's egress towards the root namespace
+    delay: DelayLine | None = None
 
     def __post_init__(self) -> None:
-        self.ns, self.here, self.ours, self.theirs = netns(self.stack, self.tag)
-        shape(self.here, self.mbit)
-        shape(self.here[:-1] + "b", self.mbit, self.ns)
+        n = (os.getpid() + random.SystemRandom().randrange(1000)) % 250 + 1
+        t = self.tag
+        self.ns, self.router = f"vrfs201s{n}{t}", f"vrfs201r{n}{t}"
+        self.here, self.to_root, self.to_site, there = (f"v201n{n}{t}{end}" for end in "arsb")
+        self.ours, router_a, router_b, self.theirs = (f"10.201.{n}.{i}" for i in (1, 2, 5, 6))
 
-    def relay(self, port: int, target_port: int | None = None) -> str:
-        """Relay THEIRS:PORT to 127.0.0.1:TARGET_PORT (default PORT) in the
-        namespace, RTT/2 each way; returns the address to connect to."""
-        r = Relay(self.ns, f"{self.theirs}:{port}", f"127.0.0.1:{target_port or port}", self.rtt / 2)
-        self.relays.append(r)
-        self.stack.callback(r.stop)
-        return self.theirs
+        def remove() -> None:
+            if self.delay:
+                self.delay.stop()
+            for ns in (self.ns, self.router):
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+            subprocess.run(["ip", "link", "del", self.here], capture_output=True)
+        self.stack.callback(remove)
+        r = ["ip", "netns", "exec", self.router]
+        s = ["ip", "netns", "exec", self.ns]
+        run("ip", "netns", "add", self.router)
+        run("ip", "netns", "add", self.ns)
+        run("ip", "link", "add", self.here, "mtu", str(self.mtu), "type", "veth", "peer", "name", self.to_root,
+            "mtu", str(self.mtu), "netns", self.router)
+        run(*r, "ip", "link", "add", self.to_site, "mtu", str(self.mtu), "type", "veth", "peer", "name", there,
+            "mtu", str(self.mtu), "netns", self.ns)
+        # Segmentation offloads stay on: the TUN device (no IFF_VNET_HDR)
+        # announces no GSO, so the kernel cuts GSO packets to the MTU before
+        # handing them over (docs/wan.md: the bytes per packet through the
+        # line are the same with them off).
+        run("ip", "addr", "add", f"{self.ours}/30", "dev", self.here)
+        run("ip", "link", "set", self.here, "up")
+        run(*r, "ip", "addr", "add", f"{router_a}/30", "dev", self.to_root)
+        run(*r, "ip", "addr", "add", f"{router_b}/30", "dev", self.to_site)
+        for key in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.rp_filter=0", "net.ipv4.conf.default.rp_filter=0",
+                    f"net.ipv4.conf.{self.to_root}.rp_filter=0", f"net.ipv4.conf.{self.to_site}.rp_filter=0"):
+            run(*r, "sysctl", "-qw", key)
+        for dev in ("lo", self.to_root, self.to_site):
+            run(*r, "ip", "link", "set", dev, "up")
+        run("ip", "route", "add", f"10.201.{n}.4/30", "via", router_a, "dev", self.here)
+        run(*s, "ip", "addr", "add", f"{self.theirs}/30", "dev", there)
+        run(*s, "ip", "link", "set", "lo", "up")
+        run(*s, "ip", "link", "set", there, "up")
+        run(*s, "ip", "route", "add", "default", "via", router_b)
+        # Whatever arrives from either site goes into the delay line's TUN
+        # device; what it writes back (iif tun) takes the main table and
+        # leaves towards its destination.
+        tun = "dl0"
+        self.delay = DelayLine(self.router, tun, self.rtt / 2)
+        run(*r, "sysctl", "-qw", f"net.ipv4.conf.{tun}.rp_filter=0")
+        run(*r, "ip", "link", "set", tun, "mtu", str(self.mtu), "up")
+        run(*r, "ip", "route", "add", "default", "dev", tun, "table", "100")
+        for dev in (self.to_root, self.to_site):
+            run(*r, "ip", "rule", "add", "iif", dev, "lookup", "100")
+        for dev in (self.to_root, self.to_site):
+            shape(dev, self.mbit, self.router, self.mtu, self.queue)
 
     def tx_bytes(self) -> int:
-        """Bytes sent from this namespace into the link (Ethernet frames, as `ip -s link` counts)."""
-        return int(Path(f"/sys/class/net/{self.here}/statistics/tx_bytes").read_text())
+        """Bytes that went from the root namespace through the bottleneck
+        towards the site (Ethernet frames, as `ip -s link` counts)."""
+        assert self.delay
+        return self.delay.counters(self.to_site)[1]
 
     def rx_bytes(self) -> int:
         """Bytes that came back over the link (answers, rsync's checksums, ACKs)."""
-        return int(Path(f"/sys/class/net/{self.here}/statistics/rx_bytes").read_text())
+        assert self.delay
+        return self.delay.counters(self.to_root)[1]
 
     def both(self) -> int:
         return self.tx_bytes() + self.rx_bytes()
@@ -176,21 +262,21 @@ class Sampler:
 
 
 class RsyncDaemon:
-    """`rsync --daemon` in the Wan's namespace on 127.0.0.1:PORT, module `dst`
-    writing to DST, reached through a relay; stopped by PID."""
+    """`rsync --daemon` in the Wan's site namespace on its address, port PORT,
+    module `dst` writing to DST; stopped by PID."""
 
     def __init__(self, wan: Wan, dst: Path, work: Path, port: int) -> None:
         conf = work / "rsyncd.conf"
         conf.write_text(f"use chroot = false\nlog file = {work / 'rsyncd.log'}\n"
                         f"[dst]\n  path = {dst}\n  read only = false\n  uid = root\n  gid = root\n")
         self.proc = subprocess.Popen(["ip", "netns", "exec", wan.ns, "rsync", "--daemon", "--no-detach",
-                                      f"--config={conf}", f"--port={port}", "--address=127.0.0.1"],
+                                      f"--config={conf}", f"--port={port}", f"--address={wan.theirs}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wan.stack.callback(self.stop)
-        self.host = wan.relay(port)
+        self.host = wan.theirs
         self.port = port
         deadline = time.monotonic() + 10
-        while subprocess.run(["ip", "netns", "exec", wan.ns, "rsync", f"rsync://127.0.0.1:{port}/"],
+        while subprocess.run(["ip", "netns", "exec", wan.ns, "rsync", f"rsync://{wan.theirs}:{port}/"],
                              capture_output=True).returncode:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("rsync daemon did not start")
