@@ -33,6 +33,15 @@ def vrfs_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def in_netns(name: str) -> list[str]:
+    """The prefix that runs a long-lived command in network namespace NAME.
+    Not `ip netns exec`, which also makes a mount namespace: made while a
+    datastore is mounted, it holds a copy of that mount, and the kernel keeps
+    the datastore's daemon alive after `vrfs umount` for as long as the
+    command runs. nsenter execs the command itself: the PID is the command's."""
+    return ["nsenter", f"--net=/run/netns/{name}", "--"]
+
+
 def vrfs_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "vrfs", *args]
 
@@ -55,14 +64,13 @@ class Server:
         self.insecure = False  # plain TCP: for tests of what the frame layer does with any bytes
         self.preexec: Callable[[], object] | None = None  # run in the child before exec (e.g. setrlimit)
         self.host = "127.0.0.1"  # the address it listens on (and a Site's mount connects to)
-        self.netns: str | None = None  # run it inside this network namespace (`ip netns exec NAME`)
+        self.netns: str | None = None  # run it inside this network namespace (in_netns)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> Server:
         log = open(self.log_path, "ab")
         start_at = self.log_path.stat().st_size
-        # `ip netns exec` execs the command itself: the PID is still vrfs serve's.
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        prefix = in_netns(self.netns) if self.netns else []
         self.proc = subprocess.Popen(
             prefix + vrfs_command("serve", "--foreground", "--listen", f"{self.host}:{self.port}",
                                   "--store", self.store_url, *self.args,

@@ -26,6 +26,7 @@ import pyfuse3
 import pytest
 
 from mounthelpers import is_mounted
+from servehelpers import vrfs_command, vrfs_env
 from vrfs.fs import Datastore
 from vrfs.openwriters import OpenWriter, describe, find_open_writers
 
@@ -314,3 +315,58 @@ def test_sigusr1_puts_every_threads_stack_in_the_log_and_the_datastore_goes_on(d
     assert "most recent call first" in datastore.log() and "vrfs/mount.py" in datastore.log(), datastore.log()
     assert (datastore.mountpoint / "a.raw").read_bytes() == b"x" * 4096
     datastore.umount()
+
+
+def _holder(mountpoint: Path) -> subprocess.Popen:
+    """A process in a mount namespace of its own, made while the datastore is
+    mounted (as `ip netns exec` or a hypervisor's per-VM namespace make
+    them): it holds a copy of the mount."""
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sleep", "120"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if os.stat(f"/proc/{proc.pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino:
+                return proc
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError("unshare did not make a mount namespace")
+
+
+def test_umount_names_other_mount_namespaces_that_hold_the_datastore(tmp_path, mount_factory) -> None:
+    """The kernel keeps a FUSE file system, and so its daemon, while another
+    mount namespace holds a copy of the mount; `vrfs umount` once waited its
+    60 s out without a word. It now says who holds it and leaves the daemon
+    serving them (a VM there may still write); --force ends the daemon."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = mount_factory(src, mnt)
+    (mnt / "a.raw").write_bytes(b"a" * 8192)
+    holder = _holder(mnt)
+    try:
+        started = time.monotonic()
+        r = subprocess.run(vrfs_command("umount", str(mnt)), capture_output=True, text=True, env=vrfs_env(),
+                           timeout=30)
+        assert r.returncode == 1 and f"pid {holder.pid} (sleep)" in r.stderr, r.stderr
+        assert "still mounted in other mount namespaces" in r.stderr and time.monotonic() - started < 10
+        assert m.proc.poll() is None  # still serving the copy
+        seen = subprocess.run(["nsenter", "-t", str(holder.pid), "-m", "cat", str(mnt / "a.raw")],
+                              capture_output=True, timeout=10).stdout
+        assert seen == b"a" * 8192
+    finally:
+        holder.kill()
+        holder.wait(10)
+    assert m.proc.wait(10) == 0  # the last copy gone: a clean shutdown
+
+    m = mount_factory(src, mnt)
+    holder = _holder(mnt)
+    try:
+        r = subprocess.run(vrfs_command("umount", "--force", str(mnt)), capture_output=True, text=True,
+                           env=vrfs_env(), timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert m.proc.wait(10) == 0
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -26,7 +26,7 @@ import pytest
 import trio
 import trio.testing
 
-from servehelpers import free_port
+from servehelpers import free_port, in_netns
 from sitehelpers import Site
 from vrfs.bwlimit import Schedule, TokenBucket, parse_schedule
 from vrfs.errors import UserError
@@ -188,7 +188,7 @@ def test_bed_round_trip_and_single_tcp_stream(stack):
     the configured round trip, and one plain TCP stream with big enough buffers
     fills 200 Mbit/s at 100 ms, measured at the bottleneck."""
     wan = Wan(stack, 200, 0.1)
-    server = subprocess.Popen(["ip", "netns", "exec", wan.ns, sys.executable, "-c", PROBE_SERVER, wan.theirs, "5201"],
+    server = subprocess.Popen([*in_netns(wan.ns), sys.executable, "-c", PROBE_SERVER, wan.theirs, "5201"],
                               stdout=subprocess.PIPE)
     stack.callback(end_process, server)
     assert server.stdout is not None and server.stdout.readline().strip() == b"ready"

@@ -31,6 +31,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from servehelpers import in_netns
 from sitehelpers import run
 
 def netns(stack: ExitStack, tag: str, net: int = 201) -> tuple[str, str, str, str]:
@@ -82,7 +83,7 @@ class DelayLine:
     def __init__(self, ns: str, tun: str, delay: float) -> None:
         self.ns = ns
         self.summary = ""
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(DELAY), tun, str(delay)],
+        self.proc = subprocess.Popen([*in_netns(ns), sys.executable, str(DELAY), tun, str(delay)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -269,7 +270,7 @@ class RsyncDaemon:
         conf = work / "rsyncd.conf"
         conf.write_text(f"use chroot = false\nlog file = {work / 'rsyncd.log'}\n"
                         f"[dst]\n  path = {dst}\n  read only = false\n  uid = root\n  gid = root\n")
-        self.proc = subprocess.Popen(["ip", "netns", "exec", wan.ns, "rsync", "--daemon", "--no-detach",
+        self.proc = subprocess.Popen([*in_netns(wan.ns), "rsync", "--daemon", "--no-detach",
                                       f"--config={conf}", f"--port={port}", f"--address={wan.theirs}"],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wan.stack.callback(self.stop)

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("--timeout", metavar="DURATION", default="60s",
                    help="how long to wait for the daemon to finish (default: 60s)")
+    u.add_argument("--force", action="store_true",
+                   help="end the daemon even while copies of the mount in other mount namespaces (made by "
+                        "ip netns exec, unshare, a service's PrivateTmp, a hypervisor's per-VM namespace) still "
+                        "use it; without it, vrfs umount names them and leaves the daemon serving them")
 
     s = sub.add_parser("status", help="show the state of every disk",
                        description="At the protected site: the disks of a mounted datastore. "

@@ -67,3 +67,45 @@ def control_path_of(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> str:
     except OSError:
         mount_pid(mountpoint, timeout)  # raises the precise reason
         raise UserError(f"{mountpoint} is not a vrfs mount") from None
+
+
+def mount_device(path: str) -> str | None:
+    """The device ("major:minor") of the FUSE mount at ``path`` in our mount namespace."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and fields[4] == path:
+                dash = fields.index("-") if "-" in fields else -1
+                if dash > 0 and fields[dash + 1].startswith("fuse"):
+                    return fields[2]
+    return None
+
+
+def holders_elsewhere(device: str) -> list[tuple[int, str]]:
+    """(pid, command) of one process in each other mount namespace where the
+    mount of ``device`` still is: a copy made when that namespace was created
+    (`ip netns exec`, `unshare -m`, a service with PrivateTmp, a hypervisor
+    that runs each VM in a mount namespace of its own). While one exists,
+    the kernel keeps the file system, and its daemon, alive."""
+    try:
+        ours = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:
+        return []
+    seen = {ours}
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry.name}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            with open(f"/proc/{entry.name}/mountinfo") as f:
+                held = any(line.split()[2] == device and " - fuse" in line for line in f)
+            seen.add(ns)
+            if held:
+                with open(f"/proc/{entry.name}/comm") as f:
+                    out.append((int(entry.name), f.read().strip()))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return out

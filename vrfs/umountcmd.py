@@ -4,13 +4,18 @@ its final checkpoint and exited."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 
 from vrfs.daemon import STACKS_SIGNAL
 from vrfs.errors import UserError
-from vrfs.mountinfo import is_fuse_mount, mount_pid
+from vrfs.mountinfo import holders_elsewhere, is_fuse_mount, mount_device, mount_pid
 from vrfs.parse import parse_duration
+
+# A daemon still running this long after its unmount may be kept alive by a
+# copy of the mount in another mount namespace: look for one.
+HOLDERS_AFTER = 1.0
 
 
 def umount_main(args) -> int:
@@ -20,6 +25,7 @@ def umount_main(args) -> int:
     if not is_fuse_mount(mountpoint) and not os.path.isdir(mountpoint):
         raise UserError(f"{mountpoint} is not a directory")
     pid = mount_pid(mountpoint)
+    device = mount_device(mountpoint)
     try:
         result = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -33,7 +39,21 @@ def umount_main(args) -> int:
             raise UserError(f"{mountpoint} is busy: files are still open on it (stop the VMs first)")
         raise UserError(f"cannot unmount {mountpoint}: {reason}")
     deadline = time.monotonic() + timeout
+    checked_elsewhere = False
     while _alive(pid):
+        if device is not None and not checked_elsewhere and time.monotonic() > deadline - timeout + HOLDERS_AFTER:
+            checked_elsewhere = True
+            holders = holders_elsewhere(device)
+            if holders and not args.force:
+                raise UserError(
+                    f"unmounted {mountpoint} here, but its datastore is still mounted in other mount namespaces, "
+                    f"held by {', '.join(f'pid {p} ({c})' for p, c in holders[:5])}"
+                    f"{' and more' if len(holders) > 5 else ''}: the daemon (pid {pid}) goes on serving and "
+                    f"tracking them, and finishes once they are unmounted or gone; `kill {pid}` (a clean "
+                    "shutdown) ends it now, and so does `vrfs umount --force` next time; their files then fail "
+                    "with ENOTCONN")
+            if holders:
+                os.kill(pid, signal.SIGTERM)  # the daemon ends its session: pyfuse3.terminate
         if time.monotonic() > deadline:
             _ask_for_stacks(pid)
             raise UserError(f"the vrfs daemon (pid {pid}) did not finish within {args.timeout}; the stacks of "
