@@ -14,9 +14,8 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import trio
 from cryptography import x509
@@ -28,97 +27,38 @@ from vrfs.wire import ProtocolError
 
 log = logging.getLogger("vrfs.tls")
 
-T = TypeVar("T")
-
 TLS_HANDSHAKE_RECORD = 0x16
 CLOSE_TIMEOUT = 2.0  # a graceful close (close_notify) waits for a peer that may never read
 LINGER = 1.0  # after refusing a handshake, how long the alert is given to reach the peer
 
 
-# Payloads from this size are encrypted, and received records from this size
-# decrypted, in a worker thread (ssl releases the GIL there): TLS records cost
-# this OpenSSL about 1 ns a byte each way, as much as everything else a byte
-# costs on the trio thread, which also feeds the socket (and the mount's FUSE).
-THREAD_CRYPTO = 128 << 10
-
-
 class BulkSSLStream(trio.abc.Stream):
-    """A trio.SSLStream that hands over more than one record per receive and
-    does bulk encryption and decryption in worker threads.
+    """A trio.SSLStream that hands over more than one record per receive.
 
     trio's SSLStream returns one TLS record (at most 16 KiB) per receive_some,
     and each call costs more than decrypting the record: on loopback that
     doubled the wall time of a 2 GiB initial sync against plain TCP. After the
     awaited call, this also decrypts the records already received, without
-    awaiting, up to max_bytes. (trio.SSLStream cannot be subclassed.)
-
-    One SSLObject must not be used by two threads at once, and its records
-    must reach the socket in the order they were made. So a worker thread
-    takes it only while no call into trio's SSLStream is under way (one
-    waiting for the peer sends or receives the trio way instead, on the trio
-    thread), and calls into trio's SSLStream wait while a worker has it (a
-    worker does no I/O: it finishes). A worker's records are sent under
-    trio's own send lock, taken before they are made: whatever trio makes
-    later is sent after them."""
+    awaiting, up to max_bytes. (trio.SSLStream cannot be subclassed.)"""
 
     def __init__(self, transport: trio.abc.Stream, context: ssl.SSLContext, **kw: object) -> None:
         self.tls = trio.SSLStream(transport, context, **kw)  # type: ignore[arg-type]
         self.transport_stream = transport
-        self._in_trio = 0  # calls into trio's SSLStream under way
-        self._worker: trio.Event | None = None  # set while a worker thread has the SSLObject
-        self._sending = False  # a send_all by way of a worker is under way
 
     async def do_handshake(self) -> None:
-        await self._via_trio(self.tls.do_handshake)
+        await self.tls.do_handshake()
 
     def getpeercert(self, binary_form: bool = False) -> object:
         return self.tls.getpeercert(binary_form)
 
-    async def _via_trio(self, call: Callable[..., Awaitable[T]], *args: object) -> T:
-        while self._worker is not None:
-            await self._worker.wait()
-        self._in_trio += 1
-        try:
-            return await call(*args)
-        finally:
-            self._in_trio -= 1
-
-    def _worker_may_start(self) -> bool:
-        return not self._in_trio and self._worker is None and self.tls._handshook.done
-
-    async def _in_worker(self, fn: Callable[..., T], *args: object) -> T:
-        done = self._worker = trio.Event()
-        try:
-            return await trio.to_thread.run_sync(fn, *args)
-        except ssl.SSLError as exc:  # as trio reports it
-            raise trio.BrokenResourceError from exc
-        finally:
-            self._worker = None
-            done.set()
-
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self._sending:
-            raise trio.BusyResourceError("another task is sending on this stream")
-        if len(data) < THREAD_CRYPTO or not self._worker_may_start():
-            await self._via_trio(self.tls.send_all, data)
-            return
-        self._sending = True
-        try:
-            async with self.tls._inner_send_lock:  # free: nothing is in trio's SSLStream
-                records = await self._in_worker(self._encrypt, data)
-                await self.transport_stream.send_all(records)
-        finally:
-            self._sending = False
-
-    def _encrypt(self, data: bytes | bytearray | memoryview) -> bytes:
-        self.tls._ssl_object.write(data)
-        return self.tls._outgoing.read()
+        await self.tls.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.tls.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self._via_trio(self.tls.receive_some, max_bytes)
+        data = await self.tls.receive_some(max_bytes)
         if not data or max_bytes is None or len(data) >= max_bytes:
             return data
         chunks, total = [data], len(data)
@@ -140,24 +80,14 @@ class BulkSSLStream(trio.abc.Stream):
     async def receive_into(self, view: memoryview) -> int:
         """receive_some into ``view`` (a large payload's buffer), returning
         how many bytes: the records already received are decrypted straight
-        into it (SSLObject.read into a buffer), not into new bytes to copy;
-        many of them in a worker thread."""
-        data = await self._via_trio(self.tls.receive_some, len(view))
+        into it (SSLObject.read into a buffer), not into new bytes to copy."""
+        data = await self.tls.receive_some(len(view))
         got = len(data)
         view[:got] = data
         if not got:
             return 0
-        rest = view[got:]
-        if len(rest) >= THREAD_CRYPTO and self.tls._incoming.pending >= THREAD_CRYPTO and self._worker_may_start():
-            return got + await self._in_worker(self._decrypt_into, rest)
-        return got + self._decrypt_into(rest)
-
-    def _decrypt_into(self, view: memoryview) -> int:
-        """Decrypt the records already received into ``view``, as far as they
-        go; a record that needs a reply (a key update) leaves it in the
-        outgoing buffer, as in receive_some."""
+        # As in receive_some: trio's own SSLObject, between trio's calls.
         ssl_object = self.tls._ssl_object
-        got = 0
         while got < len(view):
             try:
                 # With a buffer, read returns how many bytes it put there (typeshed says bytes).
@@ -170,7 +100,7 @@ class BulkSSLStream(trio.abc.Stream):
         return got
 
     async def aclose(self) -> None:
-        await self._via_trio(self.tls.aclose)
+        await self.tls.aclose()
 
 
 @dataclass(frozen=True)
