@@ -491,14 +491,14 @@ def is_zero(data: bytes | memoryview) -> bool:
     """Whether a block is all zeros: a memcmp against zeros, which stops at
     the first non-zero byte (bytes.count(0) scans at a quarter of its speed)."""
     n = len(data)
-    if isinstance(data, memoryview) and n and (data[0] or data[-1]):
-        return False  # most blocks with data: no copy (a memoryview compares slowly, so it is copied below)
     zeros = _ZEROS.get(n)
     if zeros is None:
         if len(_ZEROS) >= 64 or n > MAX_BLOCK_SIZE:
             return bytes(data).count(0) == n
         zeros = _ZEROS.setdefault(n, bytes(n))
-    return bytes(data) == zeros if isinstance(data, memoryview) else data == zeros
+    # A memoryview (a block of a run) compares element by element, 30 times
+    # slower than memcmp; startswith of zeros of its very length is memcmp, without a copy.
+    return zeros.startswith(data) if isinstance(data, memoryview) else data == zeros
 
 
 def block_length(disk: DiskEntry, index: int) -> int:
