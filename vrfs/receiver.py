@@ -19,6 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__, admission
+from vrfs.allocator import keep_large_buffers
 from vrfs.nursery import first_failure
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.cycle import MAX_DISKS_PER_GROUP
@@ -56,6 +57,7 @@ T = TypeVar("T")
 
 class Receiver:
     def __init__(self, store: Store, *, threads: int = 4):
+        keep_large_buffers()  # payloads of 2-4 MiB, one after another (vrfs/allocator.py)
         self.store = store
         self.limiter = trio.CapacityLimiter(threads)
         self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle (or a failover) in progress

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vrfs.allocator import keep_large_buffers
 from vrfs.bwlimit import Schedule, TokenBucket
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
@@ -46,6 +47,7 @@ class Shipper:
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
                  limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None,
                  *, tls: ClientTls, settings: Settings | None = None, bwlimit: Schedule | None = None) -> None:
+        keep_large_buffers()  # reads and frames of 2-4 MiB, one after another (vrfs/allocator.py)
         self.tracker = tracker
         # Per-disk RPO, compression and priority (vrfs/settings.py); rpo and
         # zstd_level are the mount's defaults.
