@@ -87,6 +87,22 @@ def test_batch_round_trip_and_zero_detection() -> None:
     assert records == [(0, 0, 0, b"a" * 65536), (0, 1, 1, b""), (0, 3, 0, b"z" * 100), (1, 0, 1, b"")]
 
 
+def test_runs_encode_as_their_blocks() -> None:
+    """A run of consecutive blocks (the shipper's reads, cut up in a worker
+    thread) makes the very frame its blocks make one by one, zero blocks
+    inside a run included; the disk's short last block ends a run."""
+    bs = 65536
+    data = b"a" * bs + bytes(bs) + b"c" * bs + b"z" * 100
+    blocks = [(0, 0, data[:bs]), (0, 1, data[bs:2 * bs]), (0, 2, data[2 * bs:3 * bs]), (0, 3, data[3 * bs:]),
+              (1, 0, None)]
+    runs = [(0, 0, memoryview(data)[:2 * bs]), (0, 2, memoryview(data)[2 * bs:]), (1, 0, None)]
+    by_block = wire.encode_batch(blocks, wire.RAW)
+    by_run = wire.encode_batch(runs, wire.RAW, block_sizes=[d.block_size for d in HDR.disks])
+    assert by_run.frame == by_block.frame and by_run.manifest == by_block.manifest and by_run.count == 5
+    decoded = wire.decode_batch(by_run.frame[wire.FRAME_HEADER.size:], HDR.disks, wire.FLAG_RAW_BODY)
+    assert decoded.count == 5 and decoded.manifest == by_block.manifest
+
+
 @pytest.mark.parametrize("blocks, message", [
     ([(0, 4, b"x" * 65536)], "beyond the end"),
     ([(2, 0, b"x" * 65536)], "names disk 2"),

@@ -29,12 +29,12 @@ from vrfs.trust import TrustError
 from vrfs.wire import (
     FEATURE_RAW_BATCH,
     MAX_BATCH_RECORDS,
+    Block,
     EncodedBatch,
     FrameStream,
     MsgType,
     ProtocolError,
     basis_field,
-    block_length,
     check_name,
     decode_bitmap,
     decode_control,
@@ -340,9 +340,13 @@ class Link:
                 await self._fail(exc, "fetching hashes interrupted")
                 raise
 
-    async def send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
+    async def send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, Block | None]]) -> float:
         """Stream one cycle and return once the receiver has committed and applied
-        it. Returns the seconds from CYCLE_BEGIN to the acknowledgment."""
+        it. Returns the seconds from CYCLE_BEGIN to the acknowledgment.
+
+        ``blocks`` yields (disk index, first block, data): data of one or
+        more consecutive blocks (whole blocks but a disk's last), or None for
+        one zero block. Runs cost this loop a few steps each, not one per block."""
         async with self._lock:
             self._usable()
             try:
@@ -371,7 +375,7 @@ class Link:
             pass
         return None
 
-    async def _send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> float:
+    async def _send_cycle(self, header: CycleHeader, blocks: AsyncIterator[tuple[int, int, Block | None]]) -> float:
         frames = self._frames
         started = trio.current_time()
         await frames.send_control(MsgType.CYCLE_BEGIN, header_to_json(header))
@@ -401,7 +405,7 @@ class Link:
         return trio.current_time() - started
 
     async def _stream_blocks(self, header: CycleHeader,
-                             blocks: AsyncIterator[tuple[int, int, bytes | None]]) -> tuple[int, str]:
+                             blocks: AsyncIterator[tuple[int, int, Block | None]]) -> tuple[int, str]:
         """Batches are compressed in worker threads while earlier ones are sent;
         an ordered queue of pending batches keeps them in sequence and bounds
         how many are in memory."""
@@ -413,10 +417,10 @@ class Link:
         policy = self.compression
         skip_incompressible = FEATURE_RAW_BATCH in self.features
 
-        async def encode(pending: _Pending, batch: list[tuple[int, int, bytes | None]]) -> None:
+        async def encode(pending: _Pending, batch: list[tuple[int, int, Block | None]]) -> None:
             # The level is chosen per batch from what the earlier ones measured.
             encoded = await trio.to_thread.run_sync(encode_batch, batch, policy.choose(), skip_incompressible,
-                                                    limiter=frames.limiter)
+                                                    block_sizes, limiter=frames.limiter)
             policy.encoded(encoded.level, encoded.raw_bytes, encoded.body_bytes, encoded.seconds,
                            encoded.sample_ratio)
             pending.batch = encoded
@@ -434,24 +438,41 @@ class Link:
                     await frames.send_raw(pending.batch.frame)
                     policy.sent(len(pending.batch.frame), trio.current_time() - started)
 
+        block_sizes = [d.block_size for d in header.disks]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)
             async with send_queue:
-                batch: list[tuple[int, int, bytes | None]] = []
-                raw = 0
-                async for disk_index, block_index, data in blocks:
-                    _check_block(header, disk_index, block_index, data)
-                    batch.append((disk_index, block_index, data))
-                    raw += len(data) if data is not None else 0
-                    if raw >= BATCH_TARGET or len(batch) >= MAX_BATCH_RECORDS:
-                        pending = _Pending()
-                        nursery.start_soon(encode, pending, batch)
-                        await send_queue.send(pending)
-                        batch, raw = [], 0
-                if batch:
+                batch: list[tuple[int, int, Block | None]] = []
+                raw = records = 0
+
+                async def flush() -> None:
+                    nonlocal batch, raw, records
                     pending = _Pending()
                     nursery.start_soon(encode, pending, batch)
                     await send_queue.send(pending)
+                    batch, raw, records = [], 0, 0
+
+                async for disk_index, first, data in blocks:
+                    left = _check_run(header, disk_index, first, data)
+                    if data is None:
+                        batch.append((disk_index, first, None))
+                        records += 1
+                    bs = block_sizes[disk_index]
+                    view = memoryview(data) if data is not None else memoryview(b"")
+                    while view:
+                        # As much of the run as the batch has room for, in whole blocks (at least one).
+                        fits = min(left, MAX_BATCH_RECORDS - records, max(1, -(-(BATCH_TARGET - raw) // bs)))
+                        piece = view[:fits * bs]
+                        batch.append((disk_index, first, piece))
+                        raw += len(piece)
+                        records += fits
+                        view, first, left = view[fits * bs:], first + fits, left - fits
+                        if raw >= BATCH_TARGET or records >= MAX_BATCH_RECORDS:
+                            await flush()
+                    if records >= MAX_BATCH_RECORDS:
+                        await flush()
+                if batch:
+                    await flush()
         return count, manifest.hexdigest()
 
 
@@ -471,16 +492,22 @@ def _check_buffer(sock: trio.socket.SocketType, granted: int, rate: float | None
                     granted / (1 << 20), bdp / (1 << 20))
 
 
-def _check_block(header: CycleHeader, disk_index: int, block_index: int, data: bytes | None) -> None:
+def _check_run(header: CycleHeader, disk_index: int, first: int, data: Block | None) -> int:
+    """The number of blocks in a run from the shipper: None is one zero block,
+    data covers consecutive blocks from ``first``, each of its disk's block
+    size but the disk's last, which may be shorter."""
     # A caller's mistake, not a link failure: the receiver would refuse the cycle.
     if not 0 <= disk_index < len(header.disks):
         raise ValueError(f"disk index {disk_index} outside the cycle's {len(header.disks)} disks")
     disk = header.disks[disk_index]
-    if not 0 <= block_index < disk.block_count:
-        raise ValueError(f"block {block_index} beyond the end of {disk.path}")
-    if data is not None and len(data) != block_length(disk, block_index):
-        raise ValueError(f"block {block_index} of {disk.path} has {len(data)} bytes, expected "
-                         f"{block_length(disk, block_index)}")
+    count = 1 if data is None else max(1, -(-len(data) // disk.block_size))
+    if not (0 <= first and first + count <= disk.block_count):
+        raise ValueError(f"blocks {first}-{first + count - 1} reach beyond the end of {disk.path}")
+    expected = min(count * disk.block_size, disk.size - first * disk.block_size)
+    if data is not None and len(data) != expected:
+        raise ValueError(f"blocks {first}-{first + count - 1} of {disk.path} have {len(data)} bytes, expected "
+                         f"{expected}")
+    return count
 
 
 def _describe(exc: BaseException) -> str:

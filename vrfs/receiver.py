@@ -19,6 +19,7 @@ import trio
 import xxhash
 
 from vrfs import __version__, admission
+from vrfs.allocator import keep_large_buffers
 from vrfs.nursery import first_failure
 from vrfs.cycle import CycleHeader, DiskEntry
 from vrfs.cycle import MAX_DISKS_PER_GROUP
@@ -32,11 +33,11 @@ from vrfs.wire import (
     MAX_HASHES_PER_FRAME,
     DecodedBatch,
     Frame,
+    checked_batch,
     FrameStream,
     MsgType,
     ProtocolError,
     check_name,
-    decode_batch,
     decode_control,
     disk_from_json,
     encode_hashes,
@@ -56,6 +57,7 @@ T = TypeVar("T")
 
 class Receiver:
     def __init__(self, store: Store, *, threads: int = 4):
+        keep_large_buffers()  # payloads of 2-4 MiB, one after another (vrfs/allocator.py)
         self.store = store
         self.limiter = trio.CapacityLimiter(threads)
         self._busy: set[tuple[str, str]] = set()  # (source, group) with a cycle (or a failover) in progress
@@ -389,12 +391,9 @@ class Receiver:
                     if failure is not None:
                         continue
                     try:
-                        batch = await self._run(decode_batch, batch_frame.payload, header.disks,
-                                                batch_frame.flags, direct)
+                        batch = await self._run(_stage_batch, journal, batch_frame, header.disks, direct,
+                                                count, limit)
                         count += batch.count
-                        if count > limit:
-                            raise ProtocolError(f"cycle sends more blocks ({count}) than its disks hold ({limit})")
-                        await self._run(_write_batch, journal, batch)
                     except (ProtocolError, OSError) as exc:
                         failure = exc
                         continue
@@ -410,7 +409,7 @@ class Receiver:
                 async with to_store:
                     while failure is None:
                         try:
-                            frame = await _next_in_cycle(frames)
+                            frame = await _next_in_cycle(frames, defer_batch_checksum=True)
                         except ProtocolError as exc:
                             reader_error = exc
                             break
@@ -440,15 +439,24 @@ class Receiver:
         await self._run(journal.commit, header, count, manifest.hexdigest())
 
 
-def _write_batch(journal: Journal, batch: DecodedBatch) -> None:
+def _stage_batch(journal: Journal, frame: Frame, disks: tuple[DiskEntry, ...], direct: frozenset[int],
+                 count: int, limit: int) -> DecodedBatch:
+    """One batch, in one worker thread: checked (checksum, records, and no
+    more blocks in the cycle than ``limit`` with the ``count`` before it),
+    then written to the journal (the disks in ``direct`` to their replicas-to-be)."""
+    batch = checked_batch(frame, disks, direct)
+    if count + batch.count > limit:
+        raise ProtocolError(f"cycle sends more blocks ({count + batch.count}) than its disks hold ({limit})")
     if batch.journal:
         journal.append(batch.journal)
     journal.write_direct(batch.direct)
+    return batch
 
 
-async def _next_in_cycle(frames: FrameStream) -> Frame:
+async def _next_in_cycle(frames: FrameStream, *, defer_batch_checksum: bool = False) -> Frame:
     with trio.move_on_after(CYCLE_IDLE_TIMEOUT) as scope:
-        return await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END)
+        return await frames.receive_expect(MsgType.BATCH, MsgType.CYCLE_END,
+                                           defer_batch_checksum=defer_batch_checksum)
     assert scope.cancelled_caught
     raise ProtocolError(f"nothing for {CYCLE_IDLE_TIMEOUT:g} s inside a cycle")
 

@@ -56,6 +56,10 @@ class _Waiting:
     rpo: float
     priority: int
     urgent: bool = False  # full sync, blocks of a failed cycle: now
+    # Urgent already when the connection came (a disk that predates the mount,
+    # a cycle the last connection lost): it waited for the link, not for a
+    # disk being created, so URGENT_DELAY does not apply.
+    waited_for_link: bool = False
     not_before: float = 0.0  # a refused group backs off until then
     dirty_at_check: int = 0
     checked_at: float = 0.0
@@ -103,6 +107,7 @@ class Scheduler:
                                                 checked_at=now)
         w.first_change = first if first is not None else min(w.first_change, now)
         w.rpo, w.priority, w.urgent = rpo, priority, urgent
+        w.waited_for_link = w.waited_for_link and urgent  # urgent again later: a new reason, a new wait
         w.not_before = max(w.not_before, not_before) if not_before else w.not_before
         self._wake.set()
 
@@ -118,6 +123,14 @@ class Scheduler:
         self._waiting.clear()
         for name in set(self.tracker.groups) | {d.group for d in self.tracker.disks.values()}:
             self.consider(name)
+            w = self._waiting.get(name)
+            if w is not None and w.urgent:
+                w.waited_for_link = True
+
+    def _urgent_by(self, w: _Waiting, now: float) -> float:
+        """When an urgent group is due: at once if it waited for the link,
+        else URGENT_DELAY after its first change, or its RPO's start if sooner."""
+        return min(self._start_by(w, now), w.first_change + (0.0 if w.waited_for_link else URGENT_DELAY))
 
     def delivered(self, block_bytes: int, seconds: float) -> None:
         """A cycle committed: learn the delivery rate (large cycles) or the
@@ -166,7 +179,7 @@ class Scheduler:
             self._rate_of_change(w, dirty, now)
             duration = self.expected_duration(dirty)
             self._predict(name, w, now, queued, duration)
-            if now >= w.not_before and now >= (min(start_by, w.first_change + URGENT_DELAY) if w.urgent else start_by):
+            if now >= w.not_before and now >= (self._urgent_by(w, now) if w.urgent else start_by):
                 ready.append((start_by, -w.priority, name))
                 queued += duration
         for name in [n for n, on in self.predicted_breach.items() if on and n not in self._waiting]:
@@ -183,9 +196,8 @@ class Scheduler:
         if not self._waiting:
             return None
         now = time.monotonic() if now is None else now
-        soonest = min(max(self._start_by(w, now) if not w.urgent else min(self._start_by(w, now),
-                                                                            w.first_change + URGENT_DELAY),
-                          w.not_before) for w in self._waiting.values())
+        soonest = min(max(self._urgent_by(w, now) if w.urgent else self._start_by(w, now), w.not_before)
+                      for w in self._waiting.values())
         return max(0.0, min(soonest - now, RECHECK))
 
     async def wait(self, limit: float) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vrfs.allocator import keep_large_buffers
 from vrfs.bwlimit import Schedule, TokenBucket
 from vrfs.cycle import MAX_HISTORY, CycleHeader, DiskEntry
 from vrfs.layout import GENERATIONS_FILE, LINEAGE_FILE
@@ -27,6 +28,7 @@ from vrfs.tls import ClientTls
 from vrfs.durable import write_atomically
 from vrfs.store.base import Copy, data_extents, hash_blocks
 from vrfs.tracker import Cut, Disk, Tracker
+from vrfs.wire import Block
 
 if TYPE_CHECKING:
     from vrfs.verify import Verifier
@@ -45,6 +47,7 @@ class Shipper:
                  name: str, rpo: float, zstd_level: int = 1, congestion: str = "cubic",
                  limiter: trio.CapacityLimiter | None = None, verifier: "Verifier | None" = None,
                  *, tls: ClientTls, settings: Settings | None = None, bwlimit: Schedule | None = None) -> None:
+        keep_large_buffers()  # reads and frames of 2-4 MiB, one after another (vrfs/allocator.py)
         self.tracker = tracker
         # Per-disk RPO, compression and priority (vrfs/settings.py); rpo and
         # zstd_level are the mount's defaults.
@@ -261,8 +264,9 @@ class Shipper:
     def _open_for_cut(self, disk: Disk) -> int:
         return os.open(disk.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=self.root_fd)
 
-    async def _blocks(self, cut: Cut, shipped: dict[Disk, int]) -> AsyncIterator[tuple[int, int, bytes | None]]:
-        """The cycle's blocks in disk order, read in chunks off the trio thread."""
+    async def _blocks(self, cut: Cut, shipped: dict[Disk, int]) -> AsyncIterator[tuple[int, int, Block | None]]:
+        """The cycle's blocks in disk order, read in chunks off the trio thread,
+        as runs of consecutive blocks (Link.send_cycle)."""
         for index, (disk, part) in enumerate(list(cut.parts.items())):
             bs = disk.block_size
             limit = (part.size + bs - 1) // bs
@@ -280,12 +284,9 @@ class Shipper:
                 following = (runs[r + 1][0] * bs, runs[r + 1][1] * bs) if r + 1 < len(runs) else None
                 data = await trio.to_thread.run_sync(_pread_ahead, part.fd, count * bs, first * bs, following,
                                                      limiter=self.limiter)
-                for k in range(count):
-                    i = first + k
-                    block = cut.take(disk, i, data[k * bs:(k + 1) * bs])
-                    block = block[:max(0, min(bs, part.size - i * bs))]
-                    shipped[disk] += len(block)
-                    yield index, i, block
+                for start, piece in _as_of_cut(cut, disk, part.size, first, count, data):
+                    shipped[disk] += len(piece)
+                    yield index, start, piece
 
     # --------------------------------------------------------- full sync
 
@@ -469,6 +470,27 @@ class Shipper:
 
     def _save_peer(self) -> None:
         write_atomically(self.vrfs_fd, PEER_FILE, json.dumps({"store_id": self.store_id}).encode())
+
+
+def _as_of_cut(cut: Cut, disk: Disk, size: int, first: int, count: int,
+               data: bytes) -> list[tuple[int, Block]]:
+    """A run of blocks as read, turned into what the cycle sends: each block
+    is taken from the cut (a preserved copy, copy-on-write, replaces what was
+    read), the run ends at the cut's size. Returns (first block, data) pieces:
+    the whole run as one piece, without a copy, when no block of the disk
+    waits in a preserved copy and the read was whole (the common case)."""
+    bs = disk.block_size
+    whole = min(count * bs, size - first * bs)
+    if not cut.parts[disk].preserved and len(data) >= whole:
+        for i in range(first, first + count):
+            cut.take(disk, i, b"")  # marks the block read; with nothing preserved, nothing to replace
+        return [(first, memoryview(data)[:whole])]
+    pieces: list[tuple[int, Block]] = []
+    for k in range(count):
+        i = first + k
+        block = cut.take(disk, i, data[k * bs:(k + 1) * bs])
+        pieces.append((i, block[:max(0, min(bs, size - i * bs))]))
+    return pieces
 
 
 def _pread_ahead(fd: int, length: int, offset: int, following: tuple[int, int] | None) -> bytes:

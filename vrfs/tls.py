@@ -77,6 +77,28 @@ class BulkSSLStream(trio.abc.Stream):
             total += len(more)
         return b"".join(chunks) if len(chunks) > 1 else data
 
+    async def receive_into(self, view: memoryview) -> int:
+        """receive_some into ``view`` (a large payload's buffer), returning
+        how many bytes: the records already received are decrypted straight
+        into it (SSLObject.read into a buffer), not into new bytes to copy."""
+        data = await self.tls.receive_some(len(view))
+        got = len(data)
+        view[:got] = data
+        if not got:
+            return 0
+        # As in receive_some: trio's own SSLObject, between trio's calls.
+        ssl_object = self.tls._ssl_object
+        while got < len(view):
+            try:
+                # With a buffer, read returns how many bytes it put there (typeshed says bytes).
+                more: int = ssl_object.read(len(view) - got, view[got:])  # type: ignore[assignment]
+            except ssl.SSLError:  # nothing more received (want read), or an error the next call raises
+                break
+            if not more:
+                break
+            got += more
+        return got
+
     async def aclose(self) -> None:
         await self.tls.aclose()
 

@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field as dc_field
 from enum import IntEnum
 from typing import Any
@@ -105,7 +106,10 @@ _PAYLOAD_BOUND[MsgType.HASHES] = HASHES_HEADER.size + MAX_HASHES_PER_FRAME * HAS
 class Frame:
     type: MsgType
     flags: int
-    payload: bytes
+    payload: bytes | bytearray
+    # The payload's checksum when the receiver has not checked it yet (only a
+    # BATCH received with defer_batch_checksum; decode it with checked_batch).
+    unverified: int | None = None
 
 
 # --- frames -----------------------------------------------------------------
@@ -118,7 +122,7 @@ def encode_frame(ftype: MsgType, payload: bytes, flags: int = 0) -> bytes:
     return header + payload
 
 
-def encode_frame_parts(ftype: MsgType, parts: list[bytes], flags: int = 0) -> bytes:
+def encode_frame_parts(ftype: MsgType, parts: list[bytes | memoryview], flags: int = 0) -> bytes:
     """encode_frame of b"".join(parts), with one copy of the parts instead of two."""
     length = sum(len(p) for p in parts)
     if length > _PAYLOAD_BOUND[ftype]:
@@ -145,7 +149,7 @@ def parse_frame_header(raw: bytes) -> tuple[MsgType, int, int, int]:
     return mtype, flags, length, checksum
 
 
-def verify_checksum(payload: bytes, checksum: int) -> None:
+def verify_checksum(payload: bytes | bytearray, checksum: int) -> None:
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise ProtocolError("frame checksum mismatch")
 
@@ -181,24 +185,58 @@ class FrameStream:
         del self._buf[:n]
         return out
 
-    async def receive(self) -> Frame | None:
+    async def _payload(self, length: int) -> bytes | bytearray:
+        """A payload of ``length`` bytes (already bounded by its header). A large
+        one is received into a buffer of its size: what the stream can put
+        there directly (vrfs/tls.py decrypts into it) costs no copy, the rest
+        one, instead of passing through the read buffer."""
+        if length <= max(len(self._buf), THREAD_THRESHOLD):
+            await self._fill(length, started=True)
+            return self._take(length)
+        out = bytearray(length)
+        at = len(self._buf)
+        out[:at] = self._buf
+        self._buf.clear()
+        receive_into = getattr(self.stream, "receive_into", None)
+        with memoryview(out) as view:
+            while at < length:
+                try:
+                    if receive_into is not None:
+                        got = await receive_into(view[at:])
+                    else:
+                        chunk = await self.stream.receive_some(length - at)
+                        got = len(chunk)
+                        view[at:at + got] = chunk
+                except trio.BrokenResourceError as exc:
+                    raise ProtocolError(f"connection broken: {exc.__cause__ or exc}") from exc
+                if not got:
+                    raise ProtocolError("stream truncated in the middle of a frame")
+                at += got
+        return out
+
+    async def receive(self, *, defer_batch_checksum: bool = False) -> Frame | None:
         if not await self._fill(1, started=False):
             return None
         with trio.move_on_after(self.frame_timeout) as scope:
             await self._fill(FRAME_HEADER.size, started=True)
             mtype, flags, length, checksum = parse_frame_header(self._take(FRAME_HEADER.size))
-            await self._fill(length, started=True)
+            payload = await self._payload(length)
         if scope.cancelled_caught:
             raise ProtocolError(f"frame not completed within {self.frame_timeout:g} s")
-        payload = self._take(length)
+        if mtype == MsgType.BATCH and defer_batch_checksum:
+            return Frame(mtype, flags, payload, unverified=checksum)
         if length > THREAD_THRESHOLD:
             await trio.to_thread.run_sync(verify_checksum, payload, checksum, limiter=self.limiter)
         else:
             verify_checksum(payload, checksum)
         return Frame(mtype, flags, payload)
 
-    async def receive_expect(self, *types: MsgType) -> Frame:
-        frame = await self.receive()
+    async def receive_expect(self, *types: MsgType, defer_batch_checksum: bool = False) -> Frame:
+        """The next frame, which must be of one of ``types``. With
+        ``defer_batch_checksum`` a BATCH frame comes with its checksum
+        unchecked (Frame.unverified): the caller checks it (checked_batch)
+        in the worker thread that decodes it, one hand-off instead of two."""
+        frame = await self.receive(defer_batch_checksum=defer_batch_checksum)
         if frame is None:
             raise ProtocolError("connection closed by peer")
         if frame.type not in types:
@@ -239,7 +277,7 @@ _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
 _STRUCTURE = (b",", b":", b"[", b"{")
 
 
-def _values_bound(payload: bytes) -> None:
+def _values_bound(payload: bytes | bytearray) -> None:
     """Refuse a control message with more values than MAX_CONTROL_VALUES
     (commas, colons and openings outside strings), keeping what parsing it
     allocates within a small multiple of its size."""
@@ -250,7 +288,7 @@ def _values_bound(payload: bytes) -> None:
         raise ProtocolError(f"control message holds more than {MAX_CONTROL_VALUES} values")
 
 
-def decode_control(payload: bytes) -> dict[str, Any]:
+def decode_control(payload: bytes | bytearray) -> dict[str, Any]:
     _values_bound(payload)
     try:
         obj = json.loads(payload.decode("utf-8"))
@@ -282,7 +320,7 @@ def int_field(obj: dict[str, Any], name: str, low: int, high: int) -> int:
     return value
 
 
-def decode_error(payload: bytes) -> str:
+def decode_error(payload: bytes | bytearray) -> str:
     try:
         return str(decode_control(payload).get("message", "unspecified error"))[:1000]
     except ProtocolError:
@@ -458,14 +496,16 @@ def is_zero(data: bytes | memoryview) -> bool:
         if len(_ZEROS) >= 64 or n > MAX_BLOCK_SIZE:
             return bytes(data).count(0) == n
         zeros = _ZEROS.setdefault(n, bytes(n))
-    return bytes(data) == zeros if isinstance(data, memoryview) else data == zeros
+    # A memoryview (a block of a run) compares element by element, 30 times
+    # slower than memcmp; startswith of zeros of its very length is memcmp, without a copy.
+    return zeros.startswith(data) if isinstance(data, memoryview) else data == zeros
 
 
 def block_length(disk: DiskEntry, index: int) -> int:
     return min(disk.block_size, disk.size - index * disk.block_size)
 
 
-def block_digest(data: bytes | None) -> bytes:
+def block_digest(data: bytes | memoryview | None) -> bytes:
     return ZERO_DIGEST if data is None else xxhash.xxh3_128_digest(data)
 
 
@@ -486,7 +526,7 @@ SAMPLE_BLOCKS = 8  # blocks sampled per batch
 INCOMPRESSIBLE = 0.95  # a sample that keeps more than this of its size is not worth compressing
 
 
-def sample_ratio(body: list[bytes]) -> float:
+def sample_ratio(body: list[Block]) -> float:
     """Compressed/raw size of a small sample of a batch's data blocks at the
     cheapest level: 4 KiB from up to 8 blocks spread over the batch (about
     1.5 % of a 2 MiB batch)."""
@@ -498,18 +538,43 @@ def sample_ratio(body: list[bytes]) -> float:
     return len(_compressor(1).compress(sample)) / len(sample)
 
 
-def encode_batch(blocks: list[tuple[int, int, bytes | None]], level: int | None,
-                 skip_incompressible: bool = False) -> EncodedBatch:
+Block = bytes | memoryview
+
+
+def split_runs(runs: list[tuple[int, int, Block | None]],
+               block_sizes: list[int] | None) -> Iterator[tuple[int, int, Block | None]]:
+    """The blocks of ``runs``: (disk index, first block, data of consecutive
+    blocks, or None for one zero block), each data cut into blocks of its
+    disk's size (``block_sizes`` by disk index) as views, without a copy.
+    Without ``block_sizes`` every item is one block."""
+    for disk_index, first, data in runs:
+        if data is None or block_sizes is None:
+            yield disk_index, first, data
+            continue
+        bs = block_sizes[disk_index]
+        if len(data) <= bs:
+            yield disk_index, first, data
+            continue
+        view = memoryview(data)
+        for k, at in enumerate(range(0, len(view), bs)):
+            yield disk_index, first + k, view[at:at + bs]
+
+
+def encode_batch(blocks: list[tuple[int, int, Block | None]], level: int | None,
+                 skip_incompressible: bool = False, block_sizes: list[int] | None = None) -> EncodedBatch:
     """Build a BATCH frame; all-zero blocks become zero records without payload.
 
-    ``level`` None sends the body raw (FLAG_RAW_BODY; only to a receiver that
-    offers FEATURE_RAW_BATCH). With ``skip_incompressible``, a body whose
-    sample does not compress (INCOMPRESSIBLE) goes raw whatever the level."""
+    ``blocks`` are single blocks, or with ``block_sizes`` (by disk index) runs
+    of consecutive blocks (split_runs): a worker thread cuts them up, not the
+    caller's loop. ``level`` None sends the body raw (FLAG_RAW_BODY; only to
+    a receiver that offers FEATURE_RAW_BATCH). With ``skip_incompressible``,
+    a body whose sample does not compress (INCOMPRESSIBLE) goes raw whatever
+    the level."""
     records = [BATCH_HEADER.pack(0, 0)]
     manifest = []
-    body = []
+    body: list[Block] = []
     raw = 0
-    for disk_index, block_index, data in blocks:
+    for disk_index, block_index, data in split_runs(blocks, block_sizes):
         if data is not None and is_zero(data):
             data = None
         if data is None:
@@ -519,21 +584,24 @@ def encode_batch(blocks: list[tuple[int, int, bytes | None]], level: int | None,
             body.append(data)
             raw += len(data)
         manifest.append(MANIFEST_ENTRY.pack(disk_index, block_index, block_digest(data)))
-    records[0] = BATCH_HEADER.pack(len(blocks), raw)
+    records[0] = BATCH_HEADER.pack(len(manifest), raw)
     started = time.perf_counter()
     ratio = None
     if level is not None and skip_incompressible and raw:
         ratio = sample_ratio(body)
         if ratio > INCOMPRESSIBLE:
             level = None
+    parts: list[bytes | memoryview] = [*records]
     if level is None:
-        flags, parts = FLAG_RAW_BODY, records + body
+        flags = FLAG_RAW_BODY
+        parts += body
     else:
-        flags, parts = 0, records + [_compressor(level).compress(b"".join(body))]
+        flags = 0
+        parts.append(_compressor(level).compress(b"".join(body)))
     seconds = time.perf_counter() - started
     frame = encode_frame_parts(MsgType.BATCH, parts, flags)
     body_bytes = len(frame) - FRAME_HEADER.size - sum(len(r) for r in records)
-    return EncodedBatch(frame, b"".join(manifest), len(blocks), level, raw, body_bytes, seconds, ratio)
+    return EncodedBatch(frame, b"".join(manifest), len(manifest), level, raw, body_bytes, seconds, ratio)
 
 
 @dataclass
@@ -546,7 +614,7 @@ class DecodedBatch:
     direct: list[tuple[int, int, memoryview | None]] = dc_field(default_factory=list)
 
 
-def _bounded_decompress(data: bytes, size: int) -> bytes:
+def _bounded_decompress(data: bytes | bytearray, size: int) -> bytes:
     """Decompress at most ``size`` bytes: a bomb is refused without allocating past the bound."""
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     out = bytearray()
@@ -563,7 +631,7 @@ def _bounded_decompress(data: bytes, size: int) -> bytes:
     return bytes(out)
 
 
-def decode_batch(payload: bytes, disks: tuple[DiskEntry, ...], flags: int = 0,
+def decode_batch(payload: bytes | bytearray, disks: tuple[DiskEntry, ...], flags: int = 0,
                  direct: frozenset[int] = frozenset()) -> DecodedBatch:
     """Check a BATCH payload (and its frame's ``flags``) against the cycle's
     disks and turn it into journal records; the records of the disks whose
@@ -628,6 +696,13 @@ def decode_batch(payload: bytes, disks: tuple[DiskEntry, ...], flags: int = 0,
     return DecodedBatch(b"".join(journal), b"".join(manifest), count, apart)
 
 
+def checked_batch(frame: Frame, disks: tuple[DiskEntry, ...], direct: frozenset[int] = frozenset()) -> DecodedBatch:
+    """decode_batch of a BATCH frame, after its checksum when that is still unchecked."""
+    if frame.unverified is not None:
+        verify_checksum(frame.payload, frame.unverified)
+    return decode_batch(frame.payload, disks, frame.flags, direct)
+
+
 # --- block hashes (full sync) -----------------------------------------------
 
 
@@ -638,7 +713,7 @@ def encode_hashes(first: int, digests: list[bytes | None]) -> bytes:
     return b"".join(parts)
 
 
-def decode_hashes(payload: bytes, expect_first: int) -> list[bytes | None]:
+def decode_hashes(payload: bytes | bytearray, expect_first: int) -> list[bytes | None]:
     if len(payload) < HASHES_HEADER.size:
         raise ProtocolError("hashes frame shorter than its header")
     first, count = HASHES_HEADER.unpack_from(payload)
