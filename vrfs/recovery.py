@@ -42,7 +42,7 @@ from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore
 from vrfs.store.journal import Journal
-from vrfs.store.points import copy_sparse
+from vrfs.store.points import copy_extents
 from vrfs.testhooks import crash_point
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
 from vrfs.wire import encode_bitmap
@@ -425,7 +425,7 @@ def _hand_over(store: Store, source: str, group: str, state: GroupState, newest:
             except OSError as exc:
                 if exc.errno != errno.EXDEV:  # another file system: a copy
                     raise
-                copy_sparse(replica, temporary)
+                copy_extents(replica, temporary)
                 os.replace(temporary, image)
                 moved_by = "copy"
             fsync_dir(image.parent)
@@ -480,7 +480,7 @@ def _reprotect(store: Store, datastore: Path) -> list[str]:
             if exc.errno != errno.EXDEV:
                 raise
             try:
-                copy_sparse(image, Path(f"{target}.tmp"))
+                copy_extents(image, Path(f"{target}.tmp"))
             except OSError:
                 Path(f"{target}.tmp").unlink(missing_ok=True)  # its space, for the next try
                 raise

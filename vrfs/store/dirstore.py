@@ -14,8 +14,9 @@ import stat
 from pathlib import Path
 
 from vrfs.cycle import CycleHeader, DiskEntry
-from vrfs.store.base import Copy, GroupState, Store, StoreError, data_extents, write_all
+from vrfs.store.base import Copy, GroupState, Store, StoreError, write_all
 from vrfs.durable import fsync_dir
+from vrfs.store.points import copy_extents
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -214,24 +215,8 @@ class DirStore(Store):
 
 
 def copy_sparse(src: Path, dst: Path) -> None:
-    """Copy a file's data extents (holes stay holes) to a new file, durably, atomically."""
+    """Copy a file's data extents (holes stay holes) to a new file, durably,
+    atomically (under a temporary name first)."""
     tmp = dst.with_name(dst.name + ".tmp")
-    sfd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        dfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            size = os.fstat(sfd).st_size
-            os.ftruncate(dfd, size)
-            for start, end in data_extents(sfd, 0, size):
-                offset = start
-                while offset < end:
-                    n = os.copy_file_range(sfd, dfd, min(end - offset, 1 << 30), offset, offset)
-                    if n == 0:
-                        break
-                    offset += n
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        os.close(sfd)
+    copy_extents(src, tmp)
     os.replace(tmp, dst)

@@ -279,10 +279,10 @@ def clone(src: Path, dst: Path) -> None:
             os.close(dfd)
     finally:
         os.close(sfd)
-    copy_sparse(src, dst)
+    copy_extents(src, dst)
 
 
-def copy_sparse(src: Path, dst: Path) -> None:
+def copy_extents(src: Path, dst: Path) -> None:
     """The data extents of the file ``src`` into the new file ``dst`` (holes
     stay holes), durably. In the kernel (copy_file_range) where it can; by
     read and write where it cannot, as between two file systems of different
