@@ -40,8 +40,8 @@ KNOWN_BROKEN: set[str] = set()
 DEFAULT_SEEDS = [1]  # and seed 3 with kept points (test_integrity_points)
 SHORT_STEPS = 25
 SLOW_STEPS = 2000
-POINTS_STEPS = 10
-POINTS_AT_END = 8  # kept points compared when the run ends (all of them in a longer run)
+POINTS_STEPS = 6
+POINTS_AT_END = 6  # kept points compared when the run ends (all of them in a longer run)
 
 OP_WEIGHTS = {
     "write": 12, "truncate-up": 2, "truncate-down": 2, "punch": 3,

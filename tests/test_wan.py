@@ -328,6 +328,7 @@ def test_full_pipe_200mbit_100ms_against_rsync(tmp_path, mount_factory, stack):
 
 @needs_netns
 @pytest.mark.wan
+@pytest.mark.slow  # a check of the bed and of the buffer sizing's warning; the default run keeps to 15 minutes
 @pytest.mark.timeout(90)
 def test_small_send_buffer_caps_the_stream_at_100ms(tmp_path, mount_factory, stack):
     """The delay is below TCP: a send buffer far below the bandwidth-delay

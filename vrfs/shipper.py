@@ -110,7 +110,14 @@ class Shipper:
                     with trio.CancelScope(shield=True):
                         await link.aclose()
             await trio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX)
+            backoff = min(backoff * 2, self._backoff_max())
+
+    def _backoff_max(self) -> float:
+        """The longest wait between two connection attempts: a quarter of the
+        mount's RPO, within [BACKOFF_MIN, BACKOFF_MAX], so that a link that
+        comes back (a healed partition, a restarted receiver) is found again
+        well within the RPO. Refusals of one group back off on their own."""
+        return max(BACKOFF_MIN, min(BACKOFF_MAX, self.rpo / 4))
 
     def _down(self, reason: str) -> None:
         if reason != self.last_error:
