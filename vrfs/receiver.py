@@ -267,13 +267,10 @@ class Receiver:
             except (Refusal, OSError, StoreError) as exc:
                 await self._refuse(frames, peer, source, header, _as_refusal(exc), drain=True)
                 return
-            journal = None
             try:
-                journal = await self._run(Journal.create, self.store.journal_path(source, header.group))
-                await self._run(journal.start_direct, direct)  # EFBIG: a new disk too large for the store
+                # EFBIG: a new disk too large for the store.
+                journal = await self._run(self.store.begin_cycle, source, header, direct)
             except OSError as exc:  # no room for even an empty journal: this group waits, the link stays
-                if journal is not None:
-                    await self._run(journal.discard)
                 await self._refuse(frames, peer, source, header,
                                    Refusal(f"cannot stage cycle {header.cycle_id}: {exc.strerror or exc}"),
                                    drain=True)
@@ -331,7 +328,7 @@ class Receiver:
         afresh (a full sync), that disk's blocks are dropped from it: the new
         cycle decides that disk's content whatever the journal held, and the
         group is not wedged by a disk the store can never hold (EFBIG)."""
-        journal = Journal(self.store.journal_path(source, header.group))
+        journal = self.store.staged_cycle(source, header.group)
         if not journal.committed:
             journal.discard()  # staging of a cycle that never committed
             return

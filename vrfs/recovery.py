@@ -41,7 +41,6 @@ from vrfs.retention import Policy
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
 from vrfs.store.dirstore import DirStore
-from vrfs.store.journal import Journal
 from vrfs.store.points import copy_extents
 from vrfs.testhooks import crash_point
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Disk, Tracker
@@ -101,7 +100,7 @@ def _point_state(store: Store, source: str, group: str, point: int | None) -> Gr
 def _settled(store: Store, source: str, group: str) -> GroupState:
     """The group at its last committed point: a committed journal is applied
     first (a failover while a cycle is in flight gives that cycle, never a mix)."""
-    journal = Journal(store.journal_path(source, group))
+    journal = store.staged_cycle(source, group)
     if journal.committed:
         try:
             store.apply(source, journal)

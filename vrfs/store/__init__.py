@@ -6,7 +6,6 @@ from pathlib import Path
 
 from vrfs.errors import UserError
 from vrfs.store.base import GroupState, Store, StoreError, StoreInUse
-from vrfs.store.journal import Journal
 
 __all__ = ["GroupState", "Store", "StoreError", "StoreInUse", "open_store", "store_from_url", "store_status"]
 
@@ -56,7 +55,7 @@ def store_status(url: str) -> list[dict]:
     out = []
     for source, group, state in store.groups():
         point = {"id": state.cycle_id, "cut_time": state.cut_time}
-        journal = Journal(store.journal_path(source, group))
+        journal = store.staged_cycle(source, group)
         pending = journal.committed
         error = journal.apply_error() if pending else None
         for disk in state.disks:

@@ -223,11 +223,35 @@ class Store(ABC):
 
     # --- journals -----------------------------------------------------------
 
+    # --- cycles: what the receiver does with a store ---------------------------
+    #
+    # begin_cycle gives the cycle being staged (a Journal: write blocks with
+    # append and write_direct, then commit or discard); apply brings the
+    # replicas to a committed cycle; staged_cycle finds a group's cycle again
+    # (after a crash, a refused apply). A journal is the store's own: where it
+    # lives and how apply reads it are this module's business.
+
     def journal_path(self, source: str, group: str) -> Path:
         return self.state_dir / "journal" / source / group
 
+    def begin_cycle(self, source: str, header: CycleHeader, direct: dict[int, DiskEntry]) -> Journal:
+        """A new, empty cycle of the group to stage (``direct``: the disks
+        staged whole, from direct_disks). OSError (ENOSPC, EFBIG) when the
+        store cannot hold even that; nothing is left behind then."""
+        journal = Journal.create(self.journal_path(source, header.group))
+        try:
+            journal.start_direct(direct)
+        except BaseException:
+            journal.discard()
+            raise
+        return journal
+
+    def staged_cycle(self, source: str, group: str) -> Journal:
+        """The group's cycle as a previous connection or run left it (committed or not, or none)."""
+        return Journal(self.journal_path(source, group))
+
     def journal_committed(self, source: str, group: str) -> bool:
-        return Journal(self.journal_path(source, group)).committed
+        return self.staged_cycle(source, group).committed
 
     def leftover_journals(self) -> list[tuple[str, Journal]]:
         """Journals left by a crash or a dropped connection, as (source, journal)."""
