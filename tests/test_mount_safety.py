@@ -317,7 +317,7 @@ def test_sigusr1_puts_every_threads_stack_in_the_log_and_the_datastore_goes_on(d
     datastore.umount()
 
 
-def _holder(mountpoint: Path) -> subprocess.Popen:
+def _holder() -> subprocess.Popen:
     """A process in a mount namespace of its own, made while the datastore is
     mounted (as `ip netns exec` or a hypervisor's per-VM namespace make
     them): it holds a copy of the mount."""
@@ -344,7 +344,7 @@ def test_umount_names_other_mount_namespaces_that_hold_the_datastore(tmp_path, m
     mnt.mkdir()
     m = mount_factory(src, mnt)
     (mnt / "a.raw").write_bytes(b"a" * 8192)
-    holder = _holder(mnt)
+    holder = _holder()
     try:
         started = time.monotonic()
         r = subprocess.run(vrfs_command("umount", str(mnt)), capture_output=True, text=True, env=vrfs_env(),
@@ -361,7 +361,7 @@ def test_umount_names_other_mount_namespaces_that_hold_the_datastore(tmp_path, m
     assert m.proc.wait(10) == 0  # the last copy gone: a clean shutdown
 
     m = mount_factory(src, mnt)
-    holder = _holder(mnt)
+    holder = _holder()
     try:
         r = subprocess.run(vrfs_command("umount", "--force", str(mnt)), capture_output=True, text=True,
                            env=vrfs_env(), timeout=30)

@@ -12,6 +12,7 @@ import resource
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -451,7 +452,7 @@ async def test_a_handshake_flood_from_one_address_does_not_delay_another(tmp_pat
         await ship(link, 2, b"A")
         await link.aclose()
         hello = client_hello().hex()
-        flooders = [subprocess.Popen([os.sys.executable, "-c", FLOOD, str(server.port), hello, "6"],
+        flooders = [subprocess.Popen([sys.executable, "-c", FLOOD, str(server.port), hello, "6"],
                                      stdout=subprocess.PIPE, text=True) for _ in range(2)]
         await trio.sleep(2)  # the flood is at full rate
         took = []

@@ -112,37 +112,41 @@ def _settled(store: Store, source: str, group: str) -> GroupState:
     return state
 
 
-def _empty_target(store: Store, to: Path, datastore_ok: bool = False) -> None:
-    """``to`` must be absent or empty (or, for a failover, a datastore without
-    disks: the old one, emptied by a reprotect), a directory where it is, not
-    a symbolic link, and outside the store (whose own files would replace,
-    discard or prune it)."""
+def _checked_target(store: Store, to: Path) -> list[str]:
+    """What every --to must be: outside the store (whose own files would
+    replace, discard or prune it), outside a served datastore, not a
+    symbolic link, a directory where it is, and not a test failover. Returns
+    its entries ([] if it does not exist yet)."""
     _outside_store(store, to, "--to")
     _not_in_a_vrfs_mount(to, "--to")
     if to.is_symlink():
         raise UserError(f"{to} is a symbolic link; give the directory itself")
     if not to.exists():
-        return
-    entries = [p.name for p in to.iterdir()] if to.is_dir() else None
-    if entries is not None and TEST_MARK in entries:
+        return []
+    if not to.is_dir():
+        raise UserError(f"{to} exists and is not an empty directory")
+    entries = [p.name for p in to.iterdir()]
+    if TEST_MARK in entries:
         raise UserError(f"{to} holds a test failover; `vrfs test-failover --cleanup {to}` removes it")
-    if entries is None or (entries and not (datastore_ok and entries == [STATE_DIR])):
+    return entries
+
+
+def _empty_target(store: Store, to: Path) -> None:
+    if _checked_target(store, to):
         raise UserError(f"{to} exists and is not an empty directory")
 
 
 def _failover_target(store: Store, to: Path, group: str, block_sizes: set[int]) -> None:
-    """Where a failover may put a group: what a test failover may use, or a
-    datastore (not served) that does not hold the group yet and tracks in
-    the group's block size, so that a whole site fails over into one
-    datastore, group by group (or the old one, emptied by a reprotect)."""
+    """Where a failover may put a group: an empty directory, or a datastore
+    (not served) that does not hold the group yet and tracks in the group's
+    block size, so that a whole site fails over into one datastore, group by
+    group (or the old one, emptied by a reprotect)."""
+    entries = _checked_target(store, to)
     config = to / STATE_DIR / CONFIG_NAME
-    if to.is_symlink() or not config.is_file():
-        _empty_target(store, to, datastore_ok=True)
+    if not entries or (entries == [STATE_DIR] and not config.is_file()):
         return
-    _outside_store(store, to, "--to")
-    _not_in_a_vrfs_mount(to, "--to")
-    if (to / TEST_MARK).exists():
-        raise UserError(f"{to} holds a test failover; `vrfs test-failover --cleanup {to}` removes it")
+    if not config.is_file():
+        raise UserError(f"{to} exists and is not an empty directory (nor a vrfs datastore)")
     if os.path.lexists(to / group):
         raise UserError(f"{to} already holds {group}; fail {group} over elsewhere, or move it away first")
     try:

@@ -3,6 +3,7 @@ its final checkpoint and exited."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -39,10 +40,11 @@ def umount_main(args) -> int:
             raise UserError(f"{mountpoint} is busy: files are still open on it (stop the VMs first)")
         raise UserError(f"cannot unmount {mountpoint}: {reason}")
     deadline = time.monotonic() + timeout
-    checked_elsewhere = False
+    look_elsewhere_at = time.monotonic() + HOLDERS_AFTER if device is not None else math.inf
     while _alive(pid):
-        if device is not None and not checked_elsewhere and time.monotonic() > deadline - timeout + HOLDERS_AFTER:
-            checked_elsewhere = True
+        if time.monotonic() > look_elsewhere_at:
+            look_elsewhere_at = math.inf
+            assert device is not None
             holders = holders_elsewhere(device)
             if holders and not args.force:
                 raise UserError(
