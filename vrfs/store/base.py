@@ -558,10 +558,6 @@ class Store(ABC):
                                 f"missing or cut short at the DR site when the cycle after point "
                                 f"{lost[disk.disk_id.hex()]} arrived")
 
-    def delete_point(self, source: str, group: str, point: int) -> None:
-        """Remove an older point; the others keep exactly their content."""
-        self.points.delete(source, group, point)
-
     def forget_group(self, source: str, group: str) -> None:
         """Drop what the store knows of a group (a reprotect lifts a failed-over group's fence)."""
         self._meta_path(source, group).unlink(missing_ok=True)
