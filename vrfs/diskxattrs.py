@@ -23,6 +23,7 @@ from vrfs.tracker import Disk
 log = logging.getLogger("vrfs.settings")
 
 PREFIX = "user.vrfs."
+MAX_VALUE = 64  # bytes: "366d", "-100", "19" and some spaces
 LIVE = ("state", "lag", "dirty_bytes", "last_point", "rpo_breach_predicted")
 
 
@@ -63,28 +64,35 @@ class DiskAttributes:
             log.warning("%s: %s is read-only (a live value)", disk.path, name)
             raise XattrError(errno.EPERM)
         try:
+            if len(value) > MAX_VALUE:  # the reason quotes the value: no 64 KiB log lines
+                raise ValueError(f"{len(value)} bytes; no value of a setting is longer than {MAX_VALUE}")
             text = value.decode("utf-8").strip().rstrip("\0")
-            overrides, parsed = self.settings.staged_set(disk.disk_id, key, text)
+            _, parsed = self.settings.staged_set(disk.disk_id, key, text)
         except (UnicodeDecodeError, ValueError) as exc:
-            log.warning("%s: %s=%r refused: %s", disk.path, name, value[:64], exc)
+            log.warning("%s: %s=%r refused: %s", disk.path, name, value[:MAX_VALUE], exc)
             raise XattrError(errno.EINVAL) from None
-        await self._persist(disk, overrides)
+        await self._persist(disk, lambda: self.settings.staged_set(disk.disk_id, key, text)[0])
         log.info("%s: %s set to %s", disk.path, key, format_value(key, parsed))
 
     async def remove(self, disk: Disk, name: str) -> None:
         key = name[len(PREFIX):]
         if key in LIVE:
             raise XattrError(errno.EPERM)
-        overrides = self.settings.staged_clear(disk.disk_id, key) if key in PARSERS else None
-        if overrides is None:
+        if key not in PARSERS:
             raise XattrError(errno.ENODATA)
-        await self._persist(disk, overrides)
+        await self._persist(disk, lambda: self.settings.staged_clear(disk.disk_id, key))
         log.info("%s: %s back to %s", disk.path, key, self.settings.for_disk(disk.disk_id, disk.path).where(key))
 
-    async def _persist(self, disk: Disk, overrides: dict[str, dict[str, Any]]) -> None:
+    async def _persist(self, disk: Disk, stage: Callable[[], dict[str, dict[str, Any]] | None]) -> None:
         """Written (fsync) in a worker thread, one change at a time, and in
-        effect only once it is durable: the FUSE loop never waits on the disk."""
+        effect only once it is durable: the FUSE loop never waits on the disk.
+        Each change is staged under the lock, on top of the one before it:
+        staged earlier, two changes at once would each drop the other's.
+        ``stage`` returning None: nothing to remove (ENODATA)."""
         async with self._lock:
+            overrides = stage()
+            if overrides is None:
+                raise XattrError(errno.ENODATA)
             try:
                 await trio.to_thread.run_sync(self.settings.persist, overrides)
             except OSError as exc:

@@ -1,0 +1,79 @@
+"""The RPO engine's surfaces under attack and bad luck: per-disk settings set
+by many processes at once, a damaged settings file, configuration files that
+are no text, file names that try to forge lines of the log or of `vrfs
+status`, and group names that the Prometheus exposition must carry.
+
+Real mounts (and, for metrics, a real receiver) on 127.0.0.1; the fixtures
+unmount and end by PID whatever a test started, even when it fails."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+
+import pytest
+
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def datastore(tmp_path, mount_factory, *args: str, disks: dict[bytes, int] | None = None):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir(exist_ok=True)
+    mnt.mkdir(exist_ok=True)
+    for name, size in (disks or {}).items():
+        path = os.fsencode(src) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(os.urandom(size))
+    return src, mnt, mount_factory(src, mnt, *args)
+
+
+def test_settings_set_by_many_processes_at_once_all_take_effect(tmp_path, mount_factory) -> None:
+    """Each change used to be staged from the settings as they were before the
+    previous change was saved: of 16 at once, most vanished, every setfattr
+    said it succeeded."""
+    count = 16
+    src, mnt, m = datastore(tmp_path, mount_factory, disks={f"vm1/d{i}.raw".encode(): 4096 for i in range(count)})
+    want = {f"d{i}.raw": f"{i + 10}s" for i in range(count)}
+    start = threading.Barrier(count)
+    failed: list[Exception] = []
+
+    def set_one(name: str) -> None:
+        try:
+            start.wait(10)
+            os.setxattr(mnt / "vm1" / name, "user.vrfs.rpo", want[name].encode())
+        except Exception as exc:  # reported by the test, not by the thread
+            failed.append(exc)
+
+    threads = [threading.Thread(target=set_one, args=(name,)) for name in want]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not failed, failed
+    got = {name: os.getxattr(mnt / "vm1" / name, "user.vrfs.rpo").decode() for name in want}
+    assert got == want
+    saved = json.loads((src / ".vrfs" / "settings.json").read_text())["disks"]
+    assert sorted(v["rpo"] for v in saved.values()) == sorted(int(v[:-1]) for v in want.values())
+
+    # Removals at once as well: every one takes effect, none comes back.
+    removed = [f"d{i}.raw" for i in range(0, count, 2)]
+    threads = [threading.Thread(target=os.removexattr, args=(mnt / "vm1" / name, "user.vrfs.rpo"))
+               for name in removed]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for name in want:
+        assert os.getxattr(mnt / "vm1" / name, "user.vrfs.rpo").decode() == ("5m" if name in removed else want[name])
+
+    # A 64 KiB value is refused with one log line of reasonable length.
+    with pytest.raises(OSError) as caught:
+        os.setxattr(mnt / "vm1" / "d1.raw", "user.vrfs.rpo", b"9" * 65536)
+    assert caught.value.errno == errno.EINVAL
+    refusals = [line for line in m.log().splitlines() if "refused" in line]
+    assert len(refusals) == 1 and len(refusals[0]) < 400, refusals
+    assert m.proc.poll() is None
