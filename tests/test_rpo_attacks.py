@@ -77,3 +77,21 @@ def test_settings_set_by_many_processes_at_once_all_take_effect(tmp_path, mount_
     refusals = [line for line in m.log().splitlines() if "refused" in line]
     assert len(refusals) == 1 and len(refusals[0]) < 400, refusals
     assert m.proc.poll() is None
+
+
+@pytest.mark.parametrize("damage", ["directory", "nested", "fifo"])
+def test_a_damaged_settings_file_costs_the_settings_never_the_mount(tmp_path, mount_factory, damage) -> None:
+    state = tmp_path / "src" / ".vrfs"
+    state.mkdir(parents=True)
+    settings = state / "settings.json"
+    if damage == "directory":
+        settings.mkdir()
+    elif damage == "nested":
+        settings.write_text('{"version": 1, "disks": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    else:
+        os.mkfifo(settings)
+    src, mnt, m = datastore(tmp_path, mount_factory, disks={b"vm1/a.raw": 4096})
+    assert m.proc.poll() is None
+    assert "settings.json is damaged" in m.log(), m.log()
+    assert os.getxattr(mnt / "vm1" / "a.raw", "user.vrfs.rpo") == b"5m"
+    assert (mnt / "vm1" / "a.raw").read_bytes() == (src / "vm1" / "a.raw").read_bytes()

@@ -19,6 +19,7 @@ import fnmatch
 import json
 import logging
 import os
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,21 +224,27 @@ class Settings:
         if self._vrfs_fd is None:
             return {}
         try:
-            fd = os.open(SETTINGS_FILE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._vrfs_fd)
-        except FileNotFoundError:
-            return {}
-        try:
-            raw = json.loads(os.read(fd, 1 << 24))
+            raw = json.loads(self._read())
             disks = raw["disks"]
             out: dict[str, dict[str, Any]] = {}
             for disk_hex, values in disks.items():
                 bytes.fromhex(disk_hex)
                 out[disk_hex] = {k: PARSERS[k](v) for k, v in values.items() if k in PARSERS}
             return out
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             # A damaged settings file costs the per-disk settings, never the mount.
             log.error("%s is damaged (%s): per-disk settings set through the mount are lost; the "
                       "configuration file and the mount's options apply", SETTINGS_FILE, exc)
             return {}
+
+    def _read(self) -> bytes:
+        # O_NONBLOCK: a FIFO in its place must not hang the mount's start.
+        fd = os.open(SETTINGS_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self._vrfs_fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a regular file")
+            return os.read(fd, 1 << 24)
         finally:
             os.close(fd)
