@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
+import subprocess
 import threading
 
 import pytest
 
+from servehelpers import REPO, vrfs_command, vrfs_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -95,3 +98,30 @@ def test_a_damaged_settings_file_costs_the_settings_never_the_mount(tmp_path, mo
     assert "settings.json is damaged" in m.log(), m.log()
     assert os.getxattr(mnt / "vm1" / "a.raw", "user.vrfs.rpo") == b"5m"
     assert (mnt / "vm1" / "a.raw").read_bytes() == (src / "vm1" / "a.raw").read_bytes()
+
+
+def _limit_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # an endless file must not eat the machine
+
+
+@pytest.mark.parametrize("content, expect", [
+    (b'[default]\nrpo = "1m"\n# \xff\xfe\n', "not UTF-8"),
+    (b"[default]\nrpo = " + b"[" * 100_000 + b"]" * 100_000 + b"\n", "not TOML"),
+    (None, "not a configuration file"),  # /dev/zero
+])
+def test_a_config_that_is_no_text_is_a_one_line_error(tmp_path, content, expect) -> None:
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    config = tmp_path / "vrfs.toml"
+    if content is None:
+        config = "/dev/zero"
+    else:
+        config.write_bytes(content)
+    r = subprocess.run(vrfs_command("mount", str(src), str(mnt), "--config", str(config), "--foreground"),
+                       capture_output=True, text=True, env=vrfs_env(), cwd=REPO, timeout=30,
+                       preexec_fn=_limit_memory)
+    assert r.returncode != 0
+    assert r.stderr.startswith("vrfs: --config") and len(r.stderr.splitlines()) == 1, r.stderr[-2000:]
+    assert expect in r.stderr, r.stderr
+    assert not os.path.ismount(mnt)

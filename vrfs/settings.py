@@ -32,6 +32,7 @@ from vrfs.parse import parse_duration
 log = logging.getLogger("vrfs.settings")
 
 SETTINGS_FILE = "settings.json"
+MAX_CONFIG = 4 << 20  # a configuration file beyond this is something else (/dev/zero, an image)
 MIN_RPO = 1.0  # seconds: below this a cycle's own overhead is the lag
 PRIORITY_RANGE = (-100, 100)
 
@@ -103,11 +104,19 @@ def load_config(path: str) -> list[Rule]:
     """The rules of a configuration file; every mistake is one UserError naming it."""
     try:
         with open(path, "rb") as f:
-            doc = tomllib.load(f)
+            data = f.read(MAX_CONFIG + 1)
     except OSError as exc:
         raise UserError(f"cannot read --config {path}: {exc.strerror}", EXIT_USAGE) from None
+    if len(data) > MAX_CONFIG:
+        raise UserError(f"--config {path}: larger than {MAX_CONFIG >> 20} MiB: not a configuration file", EXIT_USAGE)
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--config {path}: not UTF-8 text (byte {exc.start})", EXIT_USAGE) from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path}: not TOML: {exc}", EXIT_USAGE) from None
+    except RecursionError:
+        raise UserError(f"--config {path}: not TOML: nested too deeply", EXIT_USAGE) from None
     rules: list[Rule] = []
     unknown = set(doc) - {"default", "rule"}
     if unknown:
