@@ -11,12 +11,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import subprocess
 import threading
 
 import pytest
 
+from mounthelpers import vrfs
 from servehelpers import REPO, vrfs_command, vrfs_env
 
 pytestmark = pytest.mark.timeout(60)
@@ -125,3 +127,32 @@ def test_a_config_that_is_no_text_is_a_one_line_error(tmp_path, content, expect)
     assert r.stderr.startswith("vrfs: --config") and len(r.stderr.splitlines()) == 1, r.stderr[-2000:]
     assert expect in r.stderr, r.stderr
     assert not os.path.ismount(mnt)
+
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} vrfs\.\w+ [A-Z]+ ")
+FORGED = "2030-01-01 00:00:00,000 vrfs.shipper INFO vm9: RPO met again"
+
+
+def test_a_file_name_forges_no_log_line_and_no_status_row(tmp_path, mount_factory) -> None:
+    evil = f"x\n{FORGED}\x1b[2J\n".encode() + b"\xff.raw"
+    src, mnt, m = datastore(tmp_path, mount_factory, disks={b"vm1/a.raw": 4096})
+    path = os.fsencode(mnt) + b"/vm1/" + evil
+    with open(path, "wb") as f:
+        f.write(b"y" * 70000)
+    with pytest.raises(OSError) as caught:
+        os.setxattr(path, "user.vrfs.rpo", b"soon")
+    assert caught.value.errno == errno.EINVAL
+    os.setxattr(path, "user.vrfs.rpo", b"7s")
+    shown = "vm1/x\\n" + FORGED + "\\x1b[2J\\n\\xff.raw"
+
+    log = m.log_path.read_bytes().decode("utf-8", "backslashreplace")
+    lines = log.splitlines()
+    assert all(LOG_LINE.match(line) for line in lines), log[-3000:]
+    assert f"{shown}: user.vrfs.rpo=b'soon' refused" in log and f"{shown}: rpo set to 7s" in log, log[-3000:]
+
+    out = vrfs("status", str(mnt)).stdout
+    assert "\x1b" not in out and not any(line.startswith(FORGED) for line in out.splitlines()), out
+    assert shown in out, out
+    assert [d["path"] for d in json.loads(vrfs("status", str(mnt), "--json").stdout)] == \
+        ["vm1/a.raw", os.fsdecode(b"vm1/" + evil)]
+    assert m.proc.poll() is None

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 
 from vrfs.errors import UserError
+from vrfs.parse import printable
 
 log = logging.getLogger("vrfs.daemon")
 
@@ -23,10 +24,20 @@ STACKS_SIGNAL = signal.SIGUSR1
 _log_stream = None  # where the stacks go (below): the daemon's log
 
 
+class LogFormatter(logging.Formatter):
+    """One record, one line: messages name files, and a file name may hold a
+    newline (a forged line follows it) or bytes that are not UTF-8 (the log
+    file's encoding would refuse the record). A traceback keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(stream, debug: bool) -> None:
     global _log_stream
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(LogFormatter(LOG_FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)

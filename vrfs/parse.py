@@ -74,3 +74,22 @@ def format_size(n: float) -> str:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
         n /= 1024
     return str(n)
+
+
+def printable(text: str) -> str:
+    """A name as `ls -b` shows it: control characters (newlines, escape
+    sequences) and undecodable bytes (surrogate escapes) written as \\n,
+    \\x1b, \\xff, so that a file name can neither forge a line of a log or
+    a table nor reach a terminal as a command."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(c: str) -> str:
+    if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that is not UTF-8, as os.fsdecode gives it
+        return f"\\x{ord(c) - 0xDC00:02x}"
+    return _ESCAPES.get(c) or c.encode("unicode_escape").decode("ascii")

@@ -11,7 +11,7 @@ import time
 from vrfs import control
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import format_size as human_size
-from vrfs.parse import parse_duration
+from vrfs.parse import parse_duration, printable
 from vrfs.mountinfo import ANSWER_TIMEOUT, control_path_of
 
 
@@ -91,12 +91,12 @@ def render_mount(status: dict, width: int | None = None) -> list[str]:
     a table of groups (when it replicates), and a table of disks, each with
     what keeps it from being in sync on the lines under it."""
     width = width or _terminal_width()
-    out = [f"{status['source']} at {status['mountpoint']} (pid {status['pid']}, "
+    out = [f"{printable(status['source'])} at {printable(status['mountpoint'])} (pid {status['pid']}, "
            f"block size {status['block_size'] // 1024}K)"]
-    disks = status["disks"]
+    disks = [_shown(d) for d in status["disks"]]
     if status.get("peer"):
         link = status.get("link") if status["connected"] else None
-        out.append(f"replicating as {status['name']} to {status['peer']} "
+        out.append(f"replicating as {printable(status['name'])} to {status['peer']} "
                    f"({'connected, ' + link if link else 'connected' if status['connected'] else 'not connected'})")
         if status.get("bwlimit"):
             bw = status["bwlimit"]
@@ -129,6 +129,16 @@ def render_mount(status: dict, width: int | None = None) -> list[str]:
             out.append(f"    last verify ({_fmt_time(found['finished'])}): {found['state']}"
                        + (f", {found['differing']} blocks differed" if found["differing"] else ""))
     return out
+
+
+def _shown(disk: dict) -> dict:
+    """The disk with its names, and the texts that quote them, as `ls -b` shows
+    them: a newline in a file name must not start a row of its own."""
+    shown = dict(disk)
+    for key in ("path", "group", "source", "reason", "error", "warning"):
+        if isinstance(disk.get(key), str):
+            shown[key] = printable(disk[key])
+    return shown
 
 
 def _group_table(disks: list[dict]) -> list[str]:
@@ -187,6 +197,7 @@ def _bar(d: dict) -> str:
 
 def render_store(disks: list[dict], width: int | None = None) -> list[str]:
     width = width or _terminal_width()
+    disks = [_shown(d) for d in disks]
     pw = max(4, min(max((len(d["path"]) for d in disks), default=4), width - 58))
     out = [f"{'SOURCE':<12} {'PATH':<{pw}} {'SIZE':>7} {'STATE':<11} {'POINT':>7}  CUT"]
     for d in disks:
