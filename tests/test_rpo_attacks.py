@@ -15,11 +15,15 @@ import re
 import resource
 import subprocess
 import threading
+import time
+import urllib.request
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mounthelpers import vrfs
-from servehelpers import REPO, vrfs_command, vrfs_env
+from servehelpers import REPO, free_port, vrfs_command, vrfs_env
+from sitehelpers import NAME, Site
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -156,3 +160,49 @@ def test_a_file_name_forges_no_log_line_and_no_status_row(tmp_path, mount_factor
     assert [d["path"] for d in json.loads(vrfs("status", str(mnt), "--json").stdout)] == \
         ["vm1/a.raw", os.fsdecode(b"vm1/" + evil)]
     assert m.proc.poll() is None
+
+
+def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return out
+
+
+def test_metrics_carry_group_names_with_quotes_newlines_and_bytes_that_are_not_utf8(
+        tmp_path, mount_factory, stack) -> None:
+    """One group named by bytes that are not UTF-8 used to make every scrape
+    of both daemons fail (500): no metrics for any group."""
+    names = [b'q"uote', b"back\\slash", b"new\nline", b"bad\xff", b"plain"]
+    site = Site(tmp_path, mount_factory, stack)
+    serve_port, mount_port = free_port(), free_port()
+    site.server.args = ("--metrics", f"127.0.0.1:{serve_port}")
+    site.serve()
+    site.mount = mount_factory(site.src, site.mnt, "--peer", f"127.0.0.1:{site.server.port}", "--name", NAME,
+                               "--rpo", "1s", "--metrics", f"127.0.0.1:{mount_port}")
+    for name in names:
+        directory = os.fsencode(site.mnt) + b"/" + name
+        os.mkdir(directory)
+        with open(directory + b"/d.raw", "wb") as f:
+            f.write(os.urandom(70000))
+            f.flush()
+            os.fsync(f.fileno())
+    # What a label says: the name, its bytes that are not UTF-8 as `ls -b` shows them.
+    want = {name.decode("utf-8", "backslashreplace") for name in names}
+
+    deadline = time.monotonic() + 40
+    while True:
+        dr = scrape(serve_port)
+        committed = {lab["group"] for lab, v in dr.get("vrfs_point_id", []) if lab["source"] == NAME and v >= 1}
+        if committed == want:
+            break
+        assert time.monotonic() < deadline, (committed, site.server.log()[-2000:])
+        time.sleep(0.2)
+    src = scrape(mount_port)
+    assert {lab["group"] for lab, _ in src["vrfs_lag_seconds"]} == want
+    assert {lab["group"] for lab, _ in src["vrfs_cycles_total"] if _ >= 1} == want
+    for log in (site.mount.log(), site.server.log()):
+        assert "collecting metrics failed" not in log, log[-3000:]

@@ -39,6 +39,15 @@ MAX_REQUEST = 8192
 MAX_SCRAPES = 8  # at once; more are closed at once
 
 
+def label(name: str) -> str:
+    """A label value: a group is named by a directory, whose name may hold
+    bytes that are not UTF-8 (surrogate escapes here). Written as `ls -b`
+    would (vm\\xff), else the whole exposition fails to encode, every group's
+    metrics with it. Quotes, backslashes and newlines are escaped by the
+    exposition itself."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class SourceCollector(Collector):
     """Per group of a mounted datastore (labels: source = its --name, group)."""
 
@@ -68,7 +77,7 @@ class SourceCollector(Collector):
         errors = counter("vrfs_cycle_errors", "Cycles that failed (link or read error) before an answer")
         refusals = counter("vrfs_cycle_refusals", "Cycles the receiver refused (CYCLE_REFUSED)")
         for group in monitor.group_names():
-            values = [shipper.name, group]
+            values = [label(shipper.name), label(group)]
             lag_s, _ = monitor.lag(group)
             rpo_s = monitor.rpo(group)
             lag.add_metric(values, lag_s)
@@ -87,7 +96,7 @@ class SourceCollector(Collector):
             errors.add_metric(values, c.errors)
             refusals.add_metric(values, c.refusals)
         connected = GaugeMetricFamily("vrfs_connected", "1 while the link to the DR site is up", labels=["source"])
-        connected.add_metric([shipper.name], float(shipper.connected))
+        connected.add_metric([label(shipper.name)], float(shipper.connected))
         yield from (lag, age, rpo, violated, predicted, dirty, sent, cycles, errors, refusals, connected)
 
 
@@ -111,7 +120,7 @@ class ReceiverCollector(Collector):
         now = time.time()
         keys = sorted(set(r.points) | set(r.cycles_committed) | set(r.bytes_received) | set(r.refusals))
         for key in keys:
-            values = list(key)
+            values = [label(v) for v in key]
             if key in r.points:
                 cycle_id, cut_time = r.points[key]
                 age.add_metric(values, max(0.0, now - cut_time))
