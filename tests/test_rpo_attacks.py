@@ -40,7 +40,7 @@ def datastore(tmp_path, mount_factory, *args: str, disks: dict[bytes, int] | Non
     return src, mnt, mount_factory(src, mnt, *args)
 
 
-def test_settings_set_by_many_processes_at_once_all_take_effect(tmp_path, mount_factory) -> None:
+def test_settings_set_on_many_disks_at_once_all_take_effect(tmp_path, mount_factory) -> None:
     """Each change used to be staged from the settings as they were before the
     previous change was saved: of 16 at once, most vanished, every setfattr
     said it succeeded."""
