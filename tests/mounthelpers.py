@@ -12,11 +12,12 @@ from pathlib import Path
 
 from servehelpers import REPO, vrfs_command, vrfs_env
 from tlshelpers import mount_args
+from vrfs.mountinfo import mount_field
 
 
 def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
+        return any(mount_field(line.split()[1]) == str(path) for line in f)
 
 
 def vrfs(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:

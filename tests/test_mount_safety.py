@@ -338,8 +338,10 @@ def test_umount_names_other_mount_namespaces_that_hold_the_datastore(tmp_path, m
     """The kernel keeps a FUSE file system, and so its daemon, while another
     mount namespace holds a copy of the mount; `vrfs umount` once waited its
     60 s out without a word. It now says who holds it and leaves the daemon
-    serving them (a VM there may still write); --force ends the daemon."""
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    serving them (a VM there may still write); --force ends the daemon. The
+    mount point has a space and a backslash, which /proc/*/mountinfo escapes:
+    matched literally, they once hid the mount and umount waited its time out."""
+    src, mnt = tmp_path / "src", tmp_path / "vm store\\01"
     src.mkdir()
     mnt.mkdir()
     m = mount_factory(src, mnt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import threading
 
 from vrfs.errors import UserError
@@ -19,12 +20,23 @@ PID_XATTR = "user.vrfs.pid"
 ANSWER_TIMEOUT = 10.0
 
 
+def mount_field(field: str) -> str:
+    """A path as /proc/*/mounts and mountinfo write it: space, tab, newline
+    and backslash come as octal escapes (\\040 for a space)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _proc_lines(name: str) -> list[str]:
+    # surrogateescape: a mount point need not be UTF-8, and is compared as os.fsdecode gives it
+    with open(name, encoding="utf-8", errors="surrogateescape") as f:
+        return f.readlines()
+
+
 def is_fuse_mount(path: str) -> bool:
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 2 and fields[1] == path and fields[2].startswith("fuse"):
-                return True
+    for line in _proc_lines("/proc/self/mounts"):
+        fields = line.split()
+        if len(fields) > 2 and mount_field(fields[1]) == path and fields[2].startswith("fuse"):
+            return True
     return False
 
 
@@ -71,13 +83,12 @@ def control_path_of(mountpoint: str, timeout: float = ANSWER_TIMEOUT) -> str:
 
 def mount_device(path: str) -> str | None:
     """The device ("major:minor") of the FUSE mount at ``path`` in our mount namespace."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) > 4 and fields[4] == path:
-                dash = fields.index("-") if "-" in fields else -1
-                if dash > 0 and fields[dash + 1].startswith("fuse"):
-                    return fields[2]
+    for line in _proc_lines("/proc/self/mountinfo"):
+        fields = line.split()
+        if len(fields) > 4 and mount_field(fields[4]) == path:
+            dash = fields.index("-") if "-" in fields else -1
+            if dash > 0 and fields[dash + 1].startswith("fuse"):
+                return fields[2]
     return None
 
 

@@ -25,7 +25,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -37,6 +36,7 @@ from vrfs.cycle import MAX_HISTORY, DiskEntry
 from vrfs.durable import atomic_write, fsync_dir
 from vrfs.errors import UserError
 from vrfs.layout import CONFIG_NAME, GENERATIONS_FILE, LINEAGE_FILE, LOCK_NAME, STATE_DIR, TRACKING_DIR
+from vrfs.mountinfo import mount_field
 from vrfs.retention import Policy
 from vrfs.statefile import DiskState
 from vrfs.store.base import GroupState, Store
@@ -175,12 +175,12 @@ def _vrfs_mount_over(path: Path) -> str | None:
     replicated, and its .vrfs hidden), not into the directory beneath."""
     real = os.path.realpath(path)
     best, best_type = "", ""
-    with open("/proc/self/mounts") as f:
+    with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split()
             if len(fields) < 3:
                 continue
-            mountpoint = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+            mountpoint = mount_field(fields[1])
             if (real == mountpoint or real.startswith(mountpoint.rstrip("/") + "/")) and len(mountpoint) >= len(best):
                 best, best_type = mountpoint, fields[2]
     return best if best_type == "fuse.vrfs" else None
