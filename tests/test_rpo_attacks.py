@@ -206,3 +206,37 @@ def test_metrics_carry_group_names_with_quotes_newlines_and_bytes_that_are_not_u
     assert {lab["group"] for lab, _ in src["vrfs_cycles_total"] if _ >= 1} == want
     for log in (site.mount.log(), site.server.log()):
         assert "collecting metrics failed" not in log, log[-3000:]
+
+
+def test_limits_are_the_same_everywhere_and_refusals_say_why(tmp_path, mount_factory) -> None:
+    """An RPO a disk's setting refuses was taken by `vrfs mount --rpo` and
+    `vrfs plan --rpo`; a match in [default] was dropped without a word; a
+    setting on a directory was EPERM with nothing in the log; --watch could
+    ask the daemon back to back; plan printed 0.00 Mbit/s and 40-digit day
+    counts for absurd links."""
+    from test_cli import fails
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    fails("mount", str(src), str(mnt), "--rpo", "0.5s", expect="below the 1 s floor")
+    fails("mount", str(src), str(mnt), "--rpo", "3650d", expect="longer than a year")
+    config = tmp_path / "vrfs.toml"
+    config.write_text('[default]\nmatch = "db*/*"\nrpo = "30s"\n')
+    fails("mount", str(src), str(mnt), "--config", str(config), expect="[default] applies to every disk")
+    assert not os.path.ismount(mnt)
+    fails("plan", "--disk", "100G", "--change-rate", "10M/s", "--rpo", "30s,0.01s", expect="below the 1 s floor")
+    fails("status", str(mnt), "--watch", "--interval", "0.01s", expect="at least 0.2s")
+    out = vrfs("plan", "--disk", "999999T", "--change-rate", "1M/s", "--link", "1bit/s", "--rpo", "1h").stdout
+    assert "link:         1 bit/s" in out and "over 100 years" in out, out
+    assert "0.00 Mbit/s" not in vrfs("plan", "--disk", "1G", "--change-rate", "1K/s", "--link", "5kbit/s").stdout
+
+    (tmp_path / "ds").mkdir()
+    _, mnt, m = datastore(tmp_path / "ds", mount_factory, disks={b"vm1/d.raw": 4096})
+    for target in (mnt / "vm1", mnt):
+        with pytest.raises(OSError) as refused:
+            os.setxattr(target, "user.vrfs.rpo", b"30s")
+        assert refused.value.errno == errno.EPERM
+    deadline = time.monotonic() + 5
+    while m.log().count("refused: settings are per disk") < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "vm1: user.vrfs.rpo refused: settings are per disk" in m.log(), m.log()[-2000:]

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--name", metavar="NAME",
                    help="name of this source at the DR site (default: the host name)")
     m.add_argument("--rpo", metavar="DURATION", default="5m",
-                   help="recovery point objective of every disk, e.g. 30s, 5m, 1h (default: 5m)")
+                   help="recovery point objective of every disk, e.g. 30s, 5m, 1h: from 1s to 366d (default: 5m)")
     m.add_argument("--config", metavar="FILE",
                    help="per-disk settings (RPO, compression, priority) by globs over datastore paths, in TOML "
                         "(see docs/settings.md); `setfattr -n user.vrfs.rpo -v 30s DISK` through the mount "
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also list the dirty block ranges of each disk (with --json)")
     s.add_argument("--watch", "-w", action="store_true", help="redraw the table until Ctrl-C")
     s.add_argument("--interval", metavar="DURATION", default="2s",
-                   help="time between redraws with --watch (default: 2s)")
+                   help="time between redraws with --watch, at least 0.2s (default: 2s)")
 
     v = sub.add_parser(
         "verify", help="prove that the DR site holds exactly what the source held at its newest point",

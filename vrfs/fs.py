@@ -538,6 +538,16 @@ class Datastore(pyfuse3.Operations):
             return None
         return disk, self.disk_attributes
 
+    def _not_a_disk(self, inode: int, sname: str) -> pyfuse3.FUSEError:
+        """EPERM for a vrfs setting on what is not a tracked disk, with the reason in the log."""
+        if self.disk_attributes is None:
+            why = "this mount does not track (--no-tracking)"
+        else:
+            why = ("settings are per disk, a regular file of the datastore; for a group's disks at once, "
+                   "a [[rule]] of --config (docs/settings.md)")
+        log.warning("%s: %s refused: %s", self._inodes.path(inode), sname, why)
+        return pyfuse3.FUSEError(errno.EPERM)
+
     @_errno_boundary
     async def getxattr(self, inode, name, ctx):
         sname = os.fsdecode(name)
@@ -556,7 +566,7 @@ class Datastore(pyfuse3.Operations):
         sname = os.fsdecode(name)
         if sname.startswith(RESERVED_XATTR_PREFIX):
             if (found := self._vrfs_attr(inode, sname)) is None:
-                raise pyfuse3.FUSEError(errno.EPERM)
+                raise self._not_a_disk(inode, sname)
             return await _xattr_await(found[1].set(found[0], sname, value))
         os.setxattr(self._xattr_path(inode), name, value, follow_symlinks=False)
 
@@ -572,7 +582,7 @@ class Datastore(pyfuse3.Operations):
         sname = os.fsdecode(name)
         if sname.startswith(RESERVED_XATTR_PREFIX):
             if (found := self._vrfs_attr(inode, sname)) is None:
-                raise pyfuse3.FUSEError(errno.EPERM)
+                raise self._not_a_disk(inode, sname)
             return await _xattr_await(found[1].remove(found[0], sname))
         os.removexattr(self._xattr_path(inode), name, follow_symlinks=False)
 

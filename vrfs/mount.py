@@ -29,6 +29,7 @@ from vrfs.layout import CONFIG_NAME, LOCK_NAME, STATE_DIR, TRACKING_DIR
 from vrfs.mountinfo import is_fuse_mount
 from vrfs.openwriters import describe, find_open_writers
 from vrfs.parse import parse_address, parse_block_size, parse_duration
+from vrfs.settings import parse_rpo_option
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 
 log = logging.getLogger("vrfs.mount")
@@ -199,7 +200,7 @@ def mount_main(args) -> int:
     # An empty option is a mistake, not "the default": `--peer "$DR"` with DR unset
     # must not mount without replicating.
     peer = parse_address(args.peer, what="--peer") if args.peer is not None else None
-    rpo = parse_duration(args.rpo, "RPO")
+    rpo = parse_rpo_option(args.rpo)
     verify_every = parse_duration(args.verify_every, "--verify-every") if args.verify_every is not None else None
     if verify_every is not None and peer is None:
         raise UserError("--verify-every needs --peer: a verify compares with the DR site", EXIT_USAGE)

@@ -15,6 +15,7 @@ import time
 from vrfs import plan
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import MAX_SIZE, format_size, parse_duration, parse_size
+from vrfs.settings import PARSERS
 
 DEFAULT_MEASURE = 60.0
 MIN_MEASURE, MAX_MEASURE = 1.0, 86400.0
@@ -26,6 +27,7 @@ _BYTE_PREFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _BIT_PREFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z%]*)\s*(?:/\s*([A-Za-z]+))?\s*")
 _RATE_HELP = "e.g. 5M/s, 200G/d, 100Mbit/s, 1Gbps"
+LONGEST_SHOWN = 100 * 365 * 86400  # seconds; a plan that takes longer says so, not how much longer
 
 
 def parse_rate(text: str, what: str, total_size: int | None = None) -> float:
@@ -103,7 +105,10 @@ def parse_rpos(values: list[str] | None) -> list[float]:
         for item in value.split(","):
             if not item.strip():
                 raise UserError(f"bad RPO list {value!r}: an empty item", EXIT_USAGE)
-            rpos.append(parse_duration(item, "RPO"))
+            try:  # the RPOs a mount accepts (vrfs/settings.py): 1 s to a year
+                rpos.append(PARSERS["rpo"](item.strip()))
+            except ValueError as exc:
+                raise UserError(f"--rpo: {exc}", EXIT_USAGE) from None
     return rpos
 
 
@@ -372,6 +377,8 @@ def _finite(x: float) -> float | None:
 
 
 def _fmt_mbit(mbit: float) -> str:
+    if mbit < 0.01:  # a link slower than 10 kbit/s still gets a figure, not 0.00
+        return f"{mbit * 1000:.2g} kbit/s" if mbit >= 0.001 else f"{mbit * 1e6:.2g} bit/s"
     if mbit >= 100:
         return f"{mbit:,.0f} Mbit/s"
     if mbit >= 1:
@@ -387,6 +394,8 @@ def _fmt_duration(seconds: float) -> str:
     """30s, 1m30s, 2h5m, 3d4h; ms below a second."""
     if seconds < 1:
         return f"{seconds * 1000:.0f}ms"
+    if seconds > LONGEST_SHOWN:
+        return f"over {LONGEST_SHOWN // (365 * 86400)} years"
     s = round(seconds)
     units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
     for i, (unit, size) in enumerate(units):

@@ -51,6 +51,14 @@ def _rpo(value: Any) -> float:
     return seconds
 
 
+def parse_rpo_option(text: str) -> float:
+    """`vrfs mount --rpo`: the same limits as a disk's or a rule's RPO."""
+    try:
+        return _rpo(text)
+    except ValueError as exc:
+        raise UserError(f"--rpo: {exc}", EXIT_USAGE) from None
+
+
 def _compression(value: Any) -> int:
     try:
         level = int(str(value).strip()) if not isinstance(value, bool) else -1
@@ -125,6 +133,9 @@ def load_config(path: str) -> list[Rule]:
     default = doc.get("default", {})
     if not isinstance(default, dict):
         raise UserError(f"--config {path}: [default] must be a table", EXIT_USAGE)
+    if "match" in default:
+        raise UserError(f"--config {path}: [default] applies to every disk and takes no match; a match belongs "
+                        "in a [[rule]]", EXIT_USAGE)
     raw_rules = doc.get("rule", [])
     if not isinstance(raw_rules, list):
         raise UserError(f"--config {path}: rules are [[rule]] tables", EXIT_USAGE)

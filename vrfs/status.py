@@ -14,6 +14,8 @@ from vrfs.parse import format_size as human_size
 from vrfs.parse import parse_duration, printable
 from vrfs.mountinfo import ANSWER_TIMEOUT, control_path_of
 
+MIN_INTERVAL = 0.2  # seconds between redraws of --watch
+
 
 def mount_status(mountpoint: str, ranges: bool = False) -> dict:
     path = control_path_of(mountpoint)
@@ -39,6 +41,9 @@ def status_main(args) -> int:
     if args.watch and args.json:
         raise UserError("--watch redraws the table; not with --json", EXIT_USAGE)
     interval = parse_duration(args.interval, "--interval")
+    if interval < MIN_INTERVAL:
+        raise UserError(f"--interval {args.interval}: at least {MIN_INTERVAL:g}s (each redraw asks the daemon, "
+                        "whose loop also serves the datastore)", EXIT_USAGE)
     if not args.watch:
         text = _once(args)
         if text:
