@@ -18,10 +18,13 @@ from test_status_metrics import scrape, value
 pytestmark = pytest.mark.timeout(180)
 KiB, MiB = 1024, 1 << 20
 RPO = 10.0
+# Small enough that the burst's dirty data (at most the whole disk) drains at
+# 1 MB/s in about 16 s, large enough that a cycle of it (16 s) breaks the RPO.
+DISK_SIZE = 16 * MiB
 
 
 class Writer(threading.Thread):
-    """Random 64 KiB writes at a given rate (bytes/s) over a 64 MiB disk, fsynced each second."""
+    """Random 64 KiB writes at a given rate (bytes/s) over a DISK_SIZE disk, fsynced every 16 writes."""
 
     def __init__(self, path, rate: float) -> None:
         super().__init__(daemon=True)
@@ -39,7 +42,7 @@ class Writer(threading.Thread):
                     if time.monotonic() < due:
                         time.sleep(min(0.05, due - time.monotonic()))
                         continue
-                    block = int.from_bytes(os.urandom(2), "big") % 1024
+                    block = int.from_bytes(os.urandom(2), "big") % (DISK_SIZE // (64 * KiB))
                     os.pwrite(fd, os.urandom(64 * KiB), block * 64 * KiB)
                     written += 64 * KiB
                     if written % (16 * 64 * KiB) == 0:
@@ -58,7 +61,7 @@ def test_rpo_held_then_breach_predicted_before_it_happens(tmp_path, mount_factor
     (site.mnt / "vm1").mkdir()
     disk = site.mnt / "vm1" / "d.raw"
     with open(disk, "wb") as f:
-        f.truncate(64 * MiB)
+        f.truncate(DISK_SIZE)
     site.wait_converged("the empty disk", timeout=60)
 
     # 1. 300 KB/s of changes over a 1 MB/s link: every sample of the lag stays under the RPO.
