@@ -4,9 +4,9 @@
 The exposition format and its conventions come from prometheus_client;
 values are read from the shipper or the receiver when scraped (custom
 collectors), never updated on the write path. The endpoint is served by
-trio in the daemon's own loop, so a scrape sees a consistent state and needs
-no lock: it is a few dictionary reads per group, and a slow or broken
-scraper holds only its own task. A failing scrape is answered 500 and
+trio in the daemon's own loop, so a scrape needs no lock: at the mount it
+reads the groups a few at a time, each group consistent in itself
+(SourceCollector), and a slow or broken scraper holds only its own task. A failing scrape is answered 500 and
 logged; nothing here can take the daemon down. The port is bound before the
 daemon starts, so a port in use is a one-line startup error.
 """
@@ -17,7 +17,8 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -27,6 +28,7 @@ from prometheus_client.registry import Collector
 
 from vrfs.errors import EXIT_USAGE, UserError
 from vrfs.parse import parse_address
+from vrfs.stepbudget import StepBudget
 
 if TYPE_CHECKING:
     from vrfs.receiver import Receiver
@@ -39,14 +41,56 @@ MAX_REQUEST = 8192
 MAX_SCRAPES = 8  # at once; more are closed at once
 
 
+@dataclass
+class GroupValues:
+    """One group's numbers as a scrape reports them, read in one loop step."""
+
+    group: str
+    lag: float
+    point_age: float | None
+    rpo: float
+    predicted: bool
+    dirty: int
+    sent: int
+    cycles: int
+    errors: int
+    refusals: int
+
+
 class SourceCollector(Collector):
-    """Per group of a mounted datastore (labels: source = its --name, group)."""
+    """Per group of a mounted datastore (labels: source = its --name, group).
+
+    ``refresh`` reads every group's values a group at a time, yielding to the
+    loop past a small time budget (vrfs/stepbudget.py): on the mount the loop
+    also serves FUSE, and a scrape of 1,000 disks in one step held it for
+    milliseconds. Each group's values are of one instant; two groups may be a
+    few ms apart. ``collect`` (called by prometheus_client while formatting)
+    only reads the last complete snapshot."""
 
     def __init__(self, shipper: "Shipper") -> None:
         self.shipper = shipper
+        self._snapshot: list[GroupValues] | None = None
+
+    async def refresh(self) -> None:
+        snapshot = []
+        budget = StepBudget()
+        for group in self.shipper.monitor.group_names():
+            snapshot.append(self._values(group))
+            await budget.pause()
+        self._snapshot = snapshot
+
+    def _values(self, group: str) -> GroupValues:
+        shipper, monitor = self.shipper, self.shipper.monitor
+        c = monitor.counters(group)
+        return GroupValues(
+            group=group, lag=monitor.lag(group)[0], point_age=monitor.point_age(group), rpo=monitor.rpo(group),
+            predicted=bool(shipper.predicted_breach.get(group, False)),
+            dirty=sum(min(d.dirty().count() * d.block_size, max(d.size, 0))
+                      for d in shipper.tracker.group_disks(group)),
+            sent=monitor.wire_bytes(group), cycles=c.cycles, errors=c.errors, refusals=c.refusals)
 
     def collect(self) -> Iterator[Metric]:
-        shipper, monitor = self.shipper, self.shipper.monitor
+        shipper = self.shipper
         labels = ["source", "group"]
 
         def gauge(name: str, doc: str) -> GaugeMetricFamily:
@@ -67,25 +111,22 @@ class SourceCollector(Collector):
         cycles = counter("vrfs_cycles", "Cycles acknowledged (committed) by the DR site")
         errors = counter("vrfs_cycle_errors", "Cycles that failed (link or read error) before an answer")
         refusals = counter("vrfs_cycle_refusals", "Cycles the receiver refused (CYCLE_REFUSED)")
-        for group in monitor.group_names():
-            values = [shipper.name, group]
-            lag_s, _ = monitor.lag(group)
-            rpo_s = monitor.rpo(group)
-            lag.add_metric(values, lag_s)
-            point_age = monitor.point_age(group)
-            if point_age is not None:
-                age.add_metric(values, point_age)
-            rpo.add_metric(values, rpo_s)
-            violated.add_metric(values, float(lag_s > rpo_s))
-            predicted.add_metric(values, float(bool(shipper.predicted_breach.get(group, False))))
-            dirty.add_metric(values, float(sum(
-                min(d.dirty().count() * d.block_size, max(d.size, 0))
-                for d in shipper.tracker.group_disks(group))))
-            c = monitor.counters(group)
-            sent.add_metric(values, monitor.wire_bytes(group))
-            cycles.add_metric(values, c.cycles)
-            errors.add_metric(values, c.errors)
-            refusals.add_metric(values, c.refusals)
+        snapshot = self._snapshot
+        if snapshot is None:  # collected without a refresh (not through serve): read it all now
+            snapshot = [self._values(group) for group in shipper.monitor.group_names()]
+        for v in snapshot:
+            values = [shipper.name, v.group]
+            lag.add_metric(values, v.lag)
+            if v.point_age is not None:
+                age.add_metric(values, v.point_age)
+            rpo.add_metric(values, v.rpo)
+            violated.add_metric(values, float(v.lag > v.rpo))
+            predicted.add_metric(values, float(v.predicted))
+            dirty.add_metric(values, float(v.dirty))
+            sent.add_metric(values, v.sent)
+            cycles.add_metric(values, v.cycles)
+            errors.add_metric(values, v.errors)
+            refusals.add_metric(values, v.refusals)
         connected = GaugeMetricFamily("vrfs_connected", "1 while the link to the DR site is up", labels=["source"])
         connected.add_metric([shipper.name], float(shipper.connected))
         yield from (lag, age, rpo, violated, predicted, dirty, sent, cycles, errors, refusals, connected)
@@ -153,8 +194,10 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
-async def serve(sock: socket.socket, registry: CollectorRegistry) -> None:
-    """Answer scrapes until cancelled. Never raises anything but cancellation."""
+async def serve(sock: socket.socket, registry: CollectorRegistry,
+                refresh: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Answer scrapes until cancelled. Never raises anything but cancellation.
+    ``refresh`` reads the daemon's state before each scrape is formatted."""
     try:
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         host, port = sock.getsockname()[:2]
@@ -169,7 +212,7 @@ async def serve(sock: socket.socket, registry: CollectorRegistry) -> None:
                 return
             try:
                 with trio.move_on_after(REQUEST_TIMEOUT):
-                    await _answer(stream, registry)
+                    await _answer(stream, registry, refresh)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             except Exception:  # a scrape must never take the daemon down
@@ -183,7 +226,8 @@ async def serve(sock: socket.socket, registry: CollectorRegistry) -> None:
         log.exception("the metrics endpoint failed; the daemon goes on without it")
 
 
-async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _answer(stream: trio.SocketStream, registry: CollectorRegistry,
+                  refresh: Callable[[], Awaitable[None]] | None) -> None:
     request = b""
     while b"\r\n\r\n" not in request and b"\n\n" not in request:
         chunk = await stream.receive_some(MAX_REQUEST)
@@ -202,6 +246,8 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry) -> Non
         await _send(stream, 404, b"metrics are at /metrics\n")
         return
     try:
+        if refresh is not None:
+            await refresh()
         body = generate_latest(registry)
     except Exception:
         log.exception("collecting metrics failed")
