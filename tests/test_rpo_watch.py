@@ -1,10 +1,12 @@
-"""The RPO watch and the scrape on a tracker of their own (no mount): the
-watch looks only at groups that had an event or whose deadline came, never
-at every group on a timer, and still logs each change of state once; a
-scrape reads the groups a few per loop step."""
+"""The RPO watch, the scrape and the status answer on a tracker of their own
+(no mount): the watch looks only at groups that had an event or whose
+deadline came, never at every group on a timer, and still logs each change
+of state once; a scrape and a status answer are built a few groups per loop
+step, and say the same as when built in one."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from types import SimpleNamespace
@@ -13,8 +15,11 @@ import pytest
 import trio
 import trio.testing
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from vrfs import stepbudget
-from vrfs.metrics import SourceCollector
+from vrfs.control import _encoded
+from vrfs.metrics import SourceCollector, _exposition
 from vrfs.monitor import Monitor
 from vrfs.scheduler import Scheduler
 from vrfs.settings import Settings
@@ -190,6 +195,34 @@ def test_a_scrape_reads_the_groups_a_few_per_loop_step(monkeypatch) -> None:
     assert others_ran >= GROUPS - 1, others_ran
     sliced = [(m.name, [(s.labels, s.value) for s in m.samples]) for m in collector.collect()]
     assert sliced == whole
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    assert trio.run(_exposition, registry) == generate_latest(registry)
     dirty = dict((s.labels["group"], s.value) for s in next(m for m in collector.collect()
                                                                if m.name == "vrfs_dirty_bytes").samples)
     assert dirty["vm000"] == 3 * 65536 and sum(dirty.values()) == 3 * 65536
+
+
+def test_a_status_answer_is_encoded_a_few_disks_per_loop_step(monkeypatch) -> None:
+    monkeypatch.setattr(stepbudget, "STEP_BUDGET", 0.0)
+    answer = {"source": "/srv/vmdks", "pid": 1, "disks": [{"path": f"vm{i:03d}/d.raw", "lag_seconds": i / 7,
+                                                           "last_point": None} for i in range(DISKS)]}
+    others_ran = 0
+
+    async def main() -> bytes:
+        nonlocal others_ran
+
+        async def other() -> None:
+            nonlocal others_ran
+            while True:
+                others_ran += 1
+                await trio.lowlevel.checkpoint()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.lowlevel.checkpoint()
+            encoded = await _encoded(answer)
+            nursery.cancel_scope.cancel()
+        return encoded
+
+    assert trio.run(main) == json.dumps(answer).encode() + b"\n"
+    assert others_ran >= DISKS - 1, others_ran
