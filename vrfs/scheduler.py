@@ -188,15 +188,11 @@ class Scheduler:
             self._predict_clear(name, now)
         return [name for _, _, name in sorted(ready)]
 
-    def evaluate(self) -> None:
-        """Update the rates and predictions of every waiting group (the same
-        work as deciding, without shipping)."""
-        self.due()
-
     def evaluate_if_stale(self, now: float | None = None) -> None:
-        """Predict while a long cycle keeps the shipper from deciding: the
-        shipper's own due() runs at least every RECHECK otherwise, and this
-        visits only the waiting groups, like it."""
+        """Update the rates and predictions of the waiting groups (the same
+        work as deciding, without shipping) while a long cycle keeps the
+        shipper from deciding: otherwise its own due() runs at least every
+        RECHECK, and this does nothing."""
         now = time.monotonic() if now is None else now
         if now - self.decided_at >= RECHECK:
             self.due(now)
