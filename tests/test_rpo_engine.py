@@ -99,7 +99,7 @@ def test_rpo_held_then_breach_predicted_before_it_happens(tmp_path, mount_factor
     burst.stop.set()
     burst.join(10)
     assert burst.error is None, burst.error
-    if violated_at is not None:  # status sees it at once; the log's RPO watch looks every 0.5 s
+    if violated_at is not None:  # status sees it at once; the log's RPO watch wakes at the group's deadline
         deadline = time.monotonic() + 5
         while "RPO violated" not in site.mount.log() and time.monotonic() < deadline:
             time.sleep(0.1)

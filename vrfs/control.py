@@ -16,9 +16,12 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from vrfs.stepbudget import StepBudget
+
 log = logging.getLogger("vrfs.control")
 
 MAX_REQUEST = 64 << 10
+LONG_LIST = 64  # items of an answer's list above which it is encoded in slices
 
 
 def runtime_dir() -> str:
@@ -66,7 +69,7 @@ async def serve_control(path: str, handler: Handler, *, task_status=trio.TASK_ST
                 log.exception("control request failed")
                 answer = {"error": f"internal error: {type(exc).__name__}: {exc}"}
             try:
-                await stream.send_all(json.dumps(answer).encode() + b"\n")
+                await stream.send_all(await _encoded(answer))
             except trio.BrokenResourceError:
                 pass
 
@@ -77,6 +80,25 @@ async def serve_control(path: str, handler: Handler, *, task_status=trio.TASK_ST
             os.unlink(path)
         except OSError:
             pass
+
+
+async def _encoded(answer: dict) -> bytes:
+    """json.dumps(answer) + newline, the items of long lists one at a time with
+    yields past the step budget: a status of 1,000 disks took 15 ms to encode
+    in one step, on the loop that serves FUSE. The text is the same."""
+    budget = StepBudget()
+    fields = []
+    for key, value in answer.items():
+        if isinstance(value, list) and len(value) > LONG_LIST:
+            items = []
+            for item in value:
+                items.append(json.dumps(item))
+                await budget.pause()
+            text = "[" + ", ".join(items) + "]"
+        else:
+            text = json.dumps(value)
+        fields.append(f"{json.dumps(key)}: {text}")
+    return ("{" + ", ".join(fields) + "}\n").encode()
 
 
 def ask(path: str, request: dict, timeout: float = 30.0) -> dict:

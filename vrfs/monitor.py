@@ -5,7 +5,8 @@ counters for metrics (vrfs/metrics.py).
 
 The shipper calls ``begin``/``end`` around each cycle and ``scan_started``
 when a full sync starts comparing; everything else is computed when asked
-(status, a scrape, the RPO watch), never on the write path.
+(status, a scrape, the RPO watch of vrfs/rpowatch.py), never on the write
+path.
 
 The lag is the age of the oldest write that is not in a point the DR site
 acknowledged: 0 when nothing was written since the newest acknowledged point.
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from vrfs.rpowatch import RpoWatch
+
 if TYPE_CHECKING:
     from vrfs.link import Link
     from vrfs.shipper import Shipper
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vrfs.shipper")
 
 RATE_WINDOW = 10.0  # seconds over which "recent" throughput is measured
-WATCH_INTERVAL = 0.5  # seconds between checks of every group's RPO (for the log and the rate)
+SAMPLE_INTERVAL = 0.5  # seconds between samples of a cycle in flight's wire bytes (the rate)
 
 
 @dataclass
@@ -83,7 +86,7 @@ class Monitor:
         # oldest write happened is not known until their next acknowledged cycle.
         self.unknown_oldest = {d.group for d in shipper.tracker.disks.values()
                                if d.needs_full_sync or d.active or d.unacked}
-        self.violated: dict[str, bool] = {}  # as last logged
+        self.rpo_watch = RpoWatch(self)  # logs RPO violated / met again, woken by events and deadlines
 
     def counters(self, group: str) -> GroupCounters:
         c = self.groups.get(group)
@@ -116,6 +119,7 @@ class Monitor:
         elif outcome == "error":
             c.errors += 1
         self._sample(flight.group)
+        self.touch(flight.group)  # committed: the lag drops; failed: the oldest write is the group's again
         for disk in flight.totals:
             if not disk.needs_full_sync and disk.last_ack_cycle:
                 self.scans.pop(disk.disk_id, None)
@@ -177,8 +181,7 @@ class Monitor:
         return max(0.0, time.time() - cut_time) if cut_time else None
 
     def group_names(self) -> list[str]:
-        tracker = self.shipper.tracker
-        return sorted({d.group for d in tracker.disks.values()} | set(self.shipper.points))
+        return sorted(set(self.shipper.tracker.group_names()) | set(self.shipper.points))
 
     def group_info(self, group: str) -> dict:
         """Group-level values for status and metrics (the counters are in ``counters(group)``)."""
@@ -220,33 +223,31 @@ class Monitor:
             info["eta_seconds"] = info["cycle_eta_seconds"]
         return info
 
-    # ------------------------------------------------------ the RPO watch
+    # ------------------------------------------------------ the watch
 
-    def check(self) -> None:
-        """Log each group's RPO state when it changes (violated / met again),
-        and let the scheduler predict while a long cycle keeps it from deciding."""
-        self.shipper.scheduler.evaluate()
-        for group in self.group_names():
-            lag, basis = self.lag(group)
-            rpo = self.rpo(group)
-            violated = lag > rpo
+    def touch(self, group: str) -> None:
+        """Something happened to the group that may change its RPO state."""
+        self.rpo_watch.touch(group)
+
+    def sample_flights(self) -> None:
+        """Between two cycles a group's wire bytes stand still, so only a
+        group with a cycle in flight needs samples for its ~10 s rate; and
+        the scheduler predicts on its own unless a long cycle keeps it from
+        deciding."""
+        self.shipper.scheduler.evaluate_if_stale()
+        for group in list(self.flights):
             self._sample(group)
-            if violated == self.violated.get(group, False):
-                continue
-            self.violated[group] = violated
-            if violated:
-                log.warning("%s: RPO violated: the DR site would lose %.0f s of writes (RPO %g s%s)", group, lag,
-                            rpo, "" if self.shipper.connected else f"; {self.shipper.last_error or 'not connected'}")
-            else:
-                log.info("%s: RPO met again (lag %.1f s, RPO %g s)", group, lag, rpo)
 
     async def watch(self) -> None:
-        while True:
-            try:
-                self.check()
-            except Exception:  # a report must never take shipping (or the datastore) down
-                log.exception("RPO check failed")
-            await trio.sleep(WATCH_INTERVAL)
+        """The RPO watch (vrfs/rpowatch.py), and the rates of cycles in flight."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.rpo_watch.run)
+            while True:
+                try:
+                    self.sample_flights()
+                except Exception:  # a report must never take shipping (or the datastore) down
+                    log.exception("sampling the cycles in flight failed")
+                await trio.sleep(SAMPLE_INTERVAL)
 
 
 def _round(value: float | None) -> float | None:

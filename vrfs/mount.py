@@ -30,6 +30,7 @@ from vrfs.mountinfo import is_fuse_mount
 from vrfs.openwriters import describe, find_open_writers
 from vrfs.parse import parse_address, parse_block_size, parse_duration
 from vrfs.settings import parse_rpo_option
+from vrfs.stepbudget import StepBudget
 from vrfs.tracker import DEFAULT_EXTENT_SIZE, Tracker
 
 log = logging.getLogger("vrfs.mount")
@@ -314,7 +315,7 @@ def _run(config: MountConfig, ready) -> int:
                               settings=settings, bwlimit=config.bwlimit)
             assert ops.disk_attributes is not None
             ops.disk_attributes.live = lambda disk: {**tracker.describe(disk), **shipper.describe(disk)}
-            ops.disk_attributes.on_change = lambda disk: shipper.scheduler.consider(disk.group)
+            ops.disk_attributes.on_change = lambda disk: shipper.setting_changed(disk.group)
         from vrfs.slowsteps import instruments
         trio.run(_serve, config, ops, tracker, shipper, control_path, ready, instruments=instruments())
     except BaseException:
@@ -332,7 +333,7 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
     async def handle(request: dict) -> dict:
         op = request.get("op")
         if op == "status":
-            return _status(config, tracker, shipper, bool(request.get("ranges")))
+            return await _status(config, tracker, shipper, bool(request.get("ranges")))
         if op == "checkpoint" and tracker is not None:
             await tracker.checkpoint()
             return {"checkpoints": tracker.checkpoints}
@@ -353,8 +354,9 @@ async def _serve(config: MountConfig, ops: Datastore, tracker: Tracker | None, s
                 shipping.start_soon(shipper.monitor.watch)  # logs RPO violated / met again
                 if config.metrics_socket is not None:
                     from vrfs import metrics
-                    shipping.start_soon(metrics.serve, config.metrics_socket,
-                                        metrics.registry_for(metrics.SourceCollector(shipper)))
+                    collector = metrics.SourceCollector(shipper)
+                    shipping.start_soon(metrics.serve, config.metrics_socket, metrics.registry_for(collector),
+                                        collector.refresh)
             ready()
             await pyfuse3.main(min_tasks=4)
             # The kernel is done with us: no more writes can arrive. A cycle in
@@ -401,16 +403,23 @@ async def _verify_request(shipper, request: dict) -> dict:
     return answer
 
 
-def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool) -> dict:
+async def _status(config: MountConfig, tracker: Tracker | None, shipper, ranges: bool) -> dict:
+    """The answer to `vrfs status`, built group by group with yields to the
+    loop in between (vrfs/stepbudget.py): the disks of a group and its lag,
+    point and rate are of one instant; two groups may be a few ms apart."""
     disks = []
-    for disk in (tracker.disks.values() if tracker else ()):
-        assert tracker is not None  # there are disks only with a tracker
-        info = tracker.describe(disk, ranges)
-        if shipper is not None:
-            info.update(shipper.describe(disk))
-            if shipper.verifier is not None:
-                info["verify"] = shipper.verifier.disk_summary(disk)
-        disks.append(info)
+    budget = StepBudget()
+    for group in (tracker.group_names() if tracker else ()):
+        assert tracker is not None  # there are groups only with a tracker
+        shared = shipper.group_info(group) if shipper is not None else None
+        for disk in tracker.group_disks(group):
+            info = tracker.describe(disk, ranges)
+            if shipper is not None:
+                info.update(shipper.describe(disk, shared))
+                if shipper.verifier is not None:
+                    info["verify"] = shipper.verifier.disk_summary(disk)
+            disks.append(info)
+        await budget.pause()
     disks.sort(key=lambda d: d["path"])
     return {
         "source": config.source,

@@ -81,6 +81,7 @@ class Scheduler:
         self._clear_since: dict[str, float] = {}
         self._group_settings: dict[str, tuple[float, int]] = {}
         self._group_settings_key: tuple = ()
+        self.decided_at = -RECHECK  # monotonic time of the last due()
 
     # ------------------------------------------------------------ events
 
@@ -171,6 +172,7 @@ class Scheduler:
         """The groups to ship now, earliest deadline first. They stay waiting
         until shipped (`consider` after the attempt drops or keeps them)."""
         now = time.monotonic() if now is None else now
+        self.decided_at = now
         ready: list[tuple[float, int, str]] = []
         queued = 0.0  # expected seconds of cycles ahead, for the prediction
         for name, w in sorted(self._waiting.items(), key=lambda kv: self._start_by(kv[1], now)):
@@ -186,10 +188,14 @@ class Scheduler:
             self._predict_clear(name, now)
         return [name for _, _, name in sorted(ready)]
 
-    def evaluate(self) -> None:
-        """Update the rates and predictions of every waiting group (the same
-        work as deciding, without shipping): called while a cycle is in flight."""
-        self.due()
+    def evaluate_if_stale(self, now: float | None = None) -> None:
+        """Update the rates and predictions of the waiting groups (the same
+        work as deciding, without shipping) while a long cycle keeps the
+        shipper from deciding: otherwise its own due() runs at least every
+        RECHECK, and this does nothing."""
+        now = time.monotonic() if now is None else now
+        if now - self.decided_at >= RECHECK:
+            self.due(now)
 
     def next_wake(self, now: float | None = None) -> float | None:
         """Seconds until something may be due (None: nothing waits)."""

@@ -54,7 +54,7 @@ class Shipper:
         self.settings = settings or Settings({"rpo": rpo, "compression": zstd_level})
         self.scheduler = Scheduler(tracker, self.settings,
                                    needs_full_sync=lambda d: self._needs_scan(d) or d.needs_full_sync)
-        tracker.change_listener = self.scheduler.changed
+        tracker.change_listener = self._group_changed
         self.predicted_breach = self.scheduler.predicted_breach  # group -> a breach of its RPO is predicted
         # One bucket for every connection: a reconnect brings no fresh burst.
         self.bwlimit = TokenBucket(bwlimit) if bwlimit is not None and bwlimit.limited else None
@@ -83,6 +83,19 @@ class Shipper:
         self.generations = self._load_generations()  # disk_id -> its generations, when a failover made more
         # group -> the scheduler foresees that the group will miss its RPO (status, metrics); absent: no.
         self.monitor = Monitor(self)  # lag, rate, ETA and counters for status and metrics (vrfs/monitor.py)
+
+    # ------------------------------------------------------------ events
+
+    def _group_changed(self, group: str) -> None:
+        """The tracker's news (a group changed, passed its dirty bound, got a
+        failed cycle's blocks back): for the scheduler and the RPO watch."""
+        self.scheduler.changed(group)
+        self.monitor.touch(group)
+
+    def setting_changed(self, group: str) -> None:
+        """A disk's RPO or priority changed: its group's deadline may move."""
+        self.scheduler.consider(group)
+        self.monitor.touch(group)
 
     # ------------------------------------------------------------ the loop
 
@@ -402,7 +415,17 @@ class Shipper:
 
     # ----------------------------------------------------------- status
 
-    def describe(self, disk: Disk) -> dict:
+    def group_info(self, group: str) -> dict:
+        """What every disk of the group shows alike (vrfs/monitor.py), computed once per group."""
+        info = self.monitor.group_info(group)
+        reason = self.scheduler.breach_reason(group)
+        if reason:
+            info["prediction"] = f"RPO will be missed: {reason}"
+        return info
+
+    def describe(self, disk: Disk, group_info: dict | None = None) -> dict:
+        """The disk's replication state; ``group_info`` is ``self.group_info(disk.group)``
+        when the caller has it already (status asks for every disk of a group)."""
         point = self.points.get(disk.group)
         refused = self.refused.get(disk.group)
         if disk.needs_full_sync or disk.last_ack_cycle == 0 or disk.sync_progress is not None:
@@ -425,11 +448,9 @@ class Shipper:
             "disk_rpo_seconds": self.settings.for_disk(disk.disk_id, disk.path).rpo,
         }
         # lag_seconds (what the DR site would lose), rpo_seconds (the group's), rpo_violated,
-        # rpo_breach_predicted, rate, ETA: vrfs/monitor.py
-        info.update(self.monitor.group_info(disk.group))
+        # rpo_breach_predicted, prediction, rate, ETA: vrfs/monitor.py
+        info.update(self.group_info(disk.group) if group_info is None else group_info)
         info.update(self.monitor.disk_info(disk))
-        if self.scheduler.breach_reason(disk.group):
-            info["prediction"] = f"RPO will be missed: {self.scheduler.breach_reason(disk.group)}"
         if disk.sync_progress is not None:
             info["progress"] = round(disk.sync_progress, 4)
         if self.last_error and not self.connected:

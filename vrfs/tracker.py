@@ -480,13 +480,20 @@ class Tracker:
         """The disks of one group, from an index rebuilt only when the namespace
         changed: status, metrics and the scheduler ask per group, and a walk of
         every disk per question stalled the loop on large datastores."""
+        return list(self._group_index().get(name, ()))
+
+    def group_names(self) -> list[str]:
+        """The groups that have disks, sorted (from the same index)."""
+        return sorted(self._group_index())
+
+    def _group_index(self) -> dict[str, list[Disk]]:
         key = self.layout_version
         if self._index_key != key:
             index: dict[str, list[Disk]] = {}
             for disk in self.disks.values():
                 index.setdefault(disk.group, []).append(disk)
             self._index, self._index_key = index, key
-        return list(self._index.get(name, ()))
+        return self._index
 
     async def cut(self, name: str, open_disk) -> "Cut":
         """Atomically end a cycle of group ``name``: wait for its writes in
