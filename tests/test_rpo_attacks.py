@@ -15,15 +15,15 @@ import re
 import resource
 import subprocess
 import threading
+import socket
 import time
-import urllib.request
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from mounthelpers import vrfs
-from servehelpers import REPO, free_port, vrfs_command, vrfs_env
+from servehelpers import REPO, Server, free_port, vrfs_command, vrfs_env
 from sitehelpers import NAME, Site
+from test_status_metrics import scrape
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -162,16 +162,6 @@ def test_a_file_name_forges_no_log_line_and_no_status_row(tmp_path, mount_factor
     assert m.proc.poll() is None
 
 
-def scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return out
-
-
 def test_metrics_carry_group_names_with_quotes_newlines_and_bytes_that_are_not_utf8(
         tmp_path, mount_factory, stack) -> None:
     """One group named by bytes that are not UTF-8 used to make every scrape
@@ -240,3 +230,40 @@ def test_limits_are_the_same_everywhere_and_refusals_say_why(tmp_path, mount_fac
     while m.log().count("refused: settings are per disk") < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert "vm1: user.vrfs.rpo refused: settings are per disk" in m.log(), m.log()[-2000:]
+
+
+def test_idle_connections_cannot_keep_a_scrape_out(tmp_path, stack) -> None:
+    """Eight connections that never send a request used to take every place
+    for 10 s each, and a scrape was closed unanswered: anyone who could
+    connect could blind the monitoring. An idle connection now gives its place
+    to a newer one; scrapes in progress keep theirs."""
+    port = free_port()
+    server = Server(f"dir:{tmp_path / 'store'}", tmp_path / "serve.log")
+    server.args = ("--metrics", f"127.0.0.1:{port}")
+    server.start()
+    stack.callback(server.stop)
+    idle = []
+    for _ in range(40):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        stack.callback(s.close)
+        idle.append(s)
+    time.sleep(0.3)
+    for _ in range(3):
+        started = time.monotonic()
+        assert "process_open_fds" in scrape(port)
+        assert time.monotonic() - started < 2
+    fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+    closed = sum(1 for s in idle if _closed_by_peer(s))
+    assert closed >= len(idle) - 8, closed  # the rest were let go, not kept open
+    assert fds < 40, fds
+    assert server.proc.poll() is None
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    sock.settimeout(2)
+    try:
+        return sock.recv(1) == b""
+    except (TimeoutError, socket.timeout):
+        return False
+    except OSError:
+        return True

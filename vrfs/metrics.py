@@ -38,7 +38,7 @@ log = logging.getLogger("vrfs.metrics")
 
 REQUEST_TIMEOUT = 10.0  # seconds a scraper gets to send its request and read the answer
 MAX_REQUEST = 8192
-MAX_SCRAPES = 8  # at once; more are closed at once
+MAX_SCRAPES = 8  # connections at once (see _Scrapes)
 
 
 def label(name: str) -> str:
@@ -208,23 +208,22 @@ async def serve(sock: socket.socket, registry: CollectorRegistry,
         listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
         host, port = sock.getsockname()[:2]
         log.info("metrics at http://%s:%d/metrics", host, port)
-        scrapes = trio.CapacityLimiter(MAX_SCRAPES)
+        scrapes = _Scrapes()
 
         async def handle(stream: trio.SocketStream) -> None:
-            try:
-                scrapes.acquire_nowait()
-            except trio.WouldBlock:
+            scrape = scrapes.admit()
+            if scrape is None:
                 await stream.aclose()
                 return
             try:
-                with trio.move_on_after(REQUEST_TIMEOUT):
-                    await _answer(stream, registry, refresh)
+                with scrape.scope:
+                    await _answer(stream, registry, refresh, scrape.asked)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
             except Exception:  # a scrape must never take the daemon down
                 log.exception("metrics request failed")
             finally:
-                scrapes.release()
+                scrapes.done(scrape)
                 await trio.aclose_forcefully(stream)
 
         await trio.serve_listeners(handle, [listener])
@@ -232,8 +231,51 @@ async def serve(sock: socket.socket, registry: CollectorRegistry,
         log.exception("the metrics endpoint failed; the daemon goes on without it")
 
 
+class _Scrape:
+    def __init__(self, waiting: dict["_Scrape", None]) -> None:
+        self.scope = trio.CancelScope(deadline=trio.current_time() + REQUEST_TIMEOUT)
+        self.evicted = False
+        self._waiting = waiting
+
+    def asked(self) -> None:
+        """The request has arrived: from now on the connection is a scrape in progress."""
+        self._waiting.pop(self, None)
+
+
+class _Scrapes:
+    """At most MAX_SCRAPES connections at once (file descriptors of a daemon
+    that serves a datastore). When all are taken, a new connection replaces
+    the oldest one that has not sent its request yet: Prometheus sends its
+    request at once, so idle connections, however many, cannot keep it out;
+    only scrapes in progress can fill the table."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.waiting: dict[_Scrape, None] = {}  # connections yet to send their request, oldest first
+
+    def admit(self) -> _Scrape | None:
+        if self.open >= MAX_SCRAPES:
+            if not self.waiting:
+                return None
+            oldest = next(iter(self.waiting))
+            del self.waiting[oldest]
+            oldest.evicted = True
+            oldest.scope.cancel()
+            self.open -= 1  # counted out now, not when its handler gets to run
+        scrape = _Scrape(self.waiting)
+        self.open += 1
+        self.waiting[scrape] = None
+        return scrape
+
+    def done(self, scrape: _Scrape) -> None:
+        if scrape.evicted:
+            return
+        self.waiting.pop(scrape, None)
+        self.open -= 1
+
+
 async def _answer(stream: trio.SocketStream, registry: CollectorRegistry,
-                  refresh: Callable[[], Awaitable[None]] | None) -> None:
+                  refresh: Callable[[], Awaitable[None]] | None, asked: Callable[[], None]) -> None:
     request = b""
     while b"\r\n\r\n" not in request and b"\n\n" not in request:
         chunk = await stream.receive_some(MAX_REQUEST)
@@ -243,6 +285,7 @@ async def _answer(stream: trio.SocketStream, registry: CollectorRegistry,
         if len(request) > MAX_REQUEST:
             await _send(stream, 431, b"request too large\n")
             return
+    asked()
     parts = request.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
     if len(parts) < 2 or parts[0] not in (b"GET", b"HEAD"):
         await _send(stream, 405, b"only GET /metrics\n")
