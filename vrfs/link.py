@@ -58,8 +58,16 @@ SOCKET_BUFFER = 4 << 20
 MAX_SOCKET_BUFFER = 64 << 20
 DESIGN_RTT = 0.25  # seconds: links up to this round trip stay full
 UNLIMITED_RATE = 125e6  # bytes per second assumed without a limit: 1 Gbit/s
-# Unsent bytes the kernel queues ahead of the wire: the buffer above is for
-# data in flight, not a queue that would hide the link's pace from the sender.
+# Unsent bytes the kernel queues ahead of the wire (TCP_NOTSENT_LOWAT): the
+# buffer above is for data in flight, not a queue that would hide the link's
+# pace from the sender (or from --bwlimit's bucket). It must also not be too
+# small: the socket turns writable when less than half of it is unsent, and
+# a send that finds less than one segment unsent (with the congestion window
+# open) marks the connection application-limited, a mark that BBR's bandwidth
+# samples carry. BBR leaves STARTUP (pacing at 2.89 times the link) only on
+# samples without it, so a sender that is never a segment ahead overflows the
+# bottleneck for as long as it sends (docs/wan.md). With 2 MiB the sender is
+# woken while 1 MiB still waits: 8 ms of a 1 Gbit/s link to fill it again.
 NOTSENT_LOWAT = 2 << 20
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # Linux; not in Python's socket module
 TCP_NOTSENT_LOWAT = 25
@@ -141,10 +149,6 @@ def tune_socket(sock: trio.socket.SocketType, congestion: str | None,
     granted = (_set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, size),
                _set_buffer(sock, socket.SO_RCVBUF, SO_RCVBUFFORCE, size))
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
-    except OSError:
-        pass
-    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     except OSError:
         pass
@@ -162,6 +166,17 @@ def tune_socket(sock: trio.socket.SocketType, congestion: str | None,
         except OSError:
             pass
     return granted
+
+
+def keep_unsent(sock: trio.socket.SocketType) -> None:
+    """Best effort: TCP_NOTSENT_LOWAT at NOTSENT_LOWAT. Call it after the
+    socket is wrapped in a trio.SocketStream, whose constructor sets 16 KiB:
+    with that, a send fits a segment or two, the sender is never a segment
+    ahead of TCP, and BBR never leaves STARTUP."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass
 
 
 def rtt_of(sock: trio.socket.SocketType) -> float | None:
@@ -188,7 +203,9 @@ async def _open_socket(host: str, port: int, congestion: str | None,
             sock.close()
             last = exc
             continue
-        return trio.SocketStream(sock), granted
+        stream = trio.SocketStream(sock)
+        keep_unsent(sock)  # after trio.SocketStream(), which sets its own
+        return stream, granted
     raise last or OSError(f"no address for {host}")
 
 
