@@ -802,7 +802,7 @@ def test_silent_link_fails_within_link_timeout():
     and no reason. The socket now aborts after VRFS_LINK_TIMEOUT."""
     import socket
 
-    from vrfs.link import LINK_TIMEOUT, tune_socket
+    from vrfs.sockets import LINK_TIMEOUT, tune_socket
     with socket.socket() as sock:
         tune_socket(sock, None)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == int(LINK_TIMEOUT * 1000)

@@ -28,9 +28,11 @@ import trio.testing
 
 from servehelpers import free_port, in_netns
 from sitehelpers import Site, sha
+from vrfs import admission
 from vrfs.bwlimit import Schedule, TokenBucket, parse_schedule
 from vrfs.errors import UserError
-from vrfs.link import NOTSENT_LOWAT, TCP_NOTSENT_LOWAT, _open_socket
+from vrfs.link import _open_socket
+from vrfs.sockets import NOTSENT_LOWAT, TCP_NOTSENT_LOWAT
 from wanhelpers import RsyncDaemon, Sampler, Wan, end_process
 
 MB = 1_000_000
@@ -328,6 +330,24 @@ def test_notsent_lowat_survives_trio_socketstream():
             stream, _ = await _open_socket("127.0.0.1", listener.getsockname()[1], "cubic")
             async with stream:
                 assert stream.socket.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT
+
+        # The receiver's end: a connection accepted by the admission loop of vrfs serve.
+        seen: list[int] = []
+        accepted = trio.Event()
+
+        async def handler(stream) -> None:
+            seen.append(stream.socket.getsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT))
+            accepted.set()
+
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(admission.serve_listeners, handler, listeners)
+            client = await trio.open_tcp_stream("127.0.0.1", listeners[0].socket.getsockname()[1])
+            with trio.fail_after(10):
+                await accepted.wait()
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+        assert seen == [NOTSENT_LOWAT]
     trio.run(main)
 
 

@@ -42,6 +42,8 @@ from contextvars import ContextVar
 
 import trio
 
+from vrfs.sockets import keep_unsent
+
 log = logging.getLogger("vrfs.admission")
 
 DEFAULT_MAX_CONNECTIONS = 64
@@ -388,6 +390,7 @@ async def _accept_loop(listener: trio.SocketListener, handler: Callable[[Admitte
             stream.socket.close()  # at once, nothing read
             continue
         _keepalive(stream.socket)
+        keep_unsent(stream.socket)  # the DR site sends too (hashes of a seeded full sync); trio set 16 KiB
         nursery.start_soon(_serve_one, handler, AdmittedStream(stream, slot), gate)
 
 

@@ -21,7 +21,7 @@ import trio
 
 from vrfs import admission, control, daemon, recovery
 from vrfs.errors import UserError
-from vrfs.link import tune_socket
+from vrfs.sockets import tune_socket
 from vrfs.parse import parse_address
 from vrfs.receiver import HANDSHAKE_TIMEOUT, Receiver, peer_name
 from vrfs.retention import format_policy, parse_policy
