@@ -32,6 +32,20 @@ def test_bitmap_ranges_match_a_set():
     assert Bitmap(b"\x01\x00") == Bitmap(b"\x01")
 
 
+def test_bitmap_union_count_is_the_count_of_the_union():
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(200):
+        a, b = Bitmap(), Bitmap()
+        for bm in (a, b):
+            for _ in range(rng.choice((0, 1, 5, 50))):
+                start = rng.randrange(rng.choice((8, 300, 5000)))
+                bm.set_range(start, start + rng.randrange(1, 40))
+            if rng.random() < 0.2:
+                bm.clear_from(rng.randrange(300))  # shorter, or empty with bytes left
+        assert a.union_count(b) == (a | b).count() == b.union_count(a), f"seed {seed}"
+
+
 def test_state_file_round_trip_and_corruption(tmp_path):
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -84,6 +84,15 @@ class Bitmap:
         merged = (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
         return Bitmap(merged)
 
+    def union_count(self, other: "Bitmap") -> int:
+        """len(self | other) without building it: status and scrapes ask it
+        of every disk, and a large disk's bitmap is megabytes."""
+        if not other:
+            return self.count()
+        if not self:
+            return other.count()
+        return (int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")).bit_count()
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Bitmap) and self._bits.rstrip(b"\0") == other._bits.rstrip(b"\0")
 

@@ -94,7 +94,7 @@ class SourceCollector(Collector):
         return GroupValues(
             group=group, lag=monitor.lag(group)[0], point_age=monitor.point_age(group), rpo=monitor.rpo(group),
             predicted=bool(shipper.predicted_breach.get(group, False)),
-            dirty=sum(min(d.dirty().count() * d.block_size, max(d.size, 0))
+            dirty=sum(min(d.dirty_count() * d.block_size, max(d.size, 0))
                       for d in shipper.tracker.group_disks(group)),
             sent=monitor.wire_bytes(group), cycles=c.cycles, errors=c.errors, refusals=c.refusals)
 

@@ -493,7 +493,7 @@ def _reprotect(store: Store, datastore: Path) -> list[str]:
         seeded.add(disk_id)
         if info["point"] is not None:
             lines.append(f"{path}: seed of the reverse direction, at point {info['point']} "
-                         f"with {disk.dirty().count()} blocks changed after it")
+                         f"with {disk.dirty_count()} blocks changed after it")
         else:
             lines.append(f"{path}: seed of the reverse direction ({disk.reason or 'never replicated'}: "
                          "it is compared block by block)")

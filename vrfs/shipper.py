@@ -436,7 +436,7 @@ class Shipper:
             state = self.fenced[disk.group]
         elif refused is not None:
             state = "refused"
-        elif disk.dirty() or disk.cut is not None:
+        elif disk.is_dirty() or disk.cut is not None:
             state = "syncing"
         else:
             state = "in-sync"

@@ -89,6 +89,13 @@ class Disk:
     def dirty(self) -> Bitmap:
         return self.active | self.unacked
 
+    def dirty_count(self) -> int:
+        """dirty().count(), without building the union."""
+        return self.active.union_count(self.unacked)
+
+    def is_dirty(self) -> bool:
+        return bool(self.active) or bool(self.unacked)
+
     def mark_full(self, reason: str) -> None:
         self.needs_full_sync = True
         self.reason = reason
@@ -573,7 +580,7 @@ class Tracker:
             activitylog.ActivityLogFile, self._dir_fd, self._next_al_gen)
         await self.checkpoint(all_disks=True)
         for disk in self.disks.values():  # what was dirty before this mount is due now
-            if disk.dirty() or disk.needs_full_sync:
+            if disk.is_dirty() or disk.needs_full_sync:
                 self.note_change(disk.group)
 
     async def checkpoint(self, *, clean: bool = False, all_disks: bool = False) -> None:
@@ -661,8 +668,7 @@ class Tracker:
     # ---------------------------------------------------------------- status
 
     def describe(self, disk: Disk, with_ranges: bool = False) -> dict:
-        dirty = disk.dirty()
-        count = dirty.count()
+        count = disk.dirty_count()
         info = {
             "path": disk.path,
             "group": disk.group,
@@ -679,7 +685,7 @@ class Tracker:
         if self.degraded:  # whatever the disk's state: what a crash now would cost
             info["warning"] = self.degraded
         if with_ranges:
-            info["dirty_ranges"] = ranges(dirty)
+            info["dirty_ranges"] = ranges(disk.dirty())
         return info
 
 
