@@ -114,3 +114,22 @@ def test_bench_wan_quick(tmp_path: Path) -> None:
     assert _mounts() == before
     assert subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout == namespaces
     assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/fuse"), reason="needs root and /dev/fuse")
+def test_bench_scheduler_1000_disks_generous_bound(tmp_path: Path) -> None:
+    """1,000 disks in 300 groups, writes going on, status and /metrics asked
+    every second: the worst 4 KiB read stays under a generous 100 ms (the
+    goal, 10 ms, is measured by the benchmark on a quiet machine:
+    docs/bench-scheduler.txt), and cycles do run meanwhile."""
+    before = _mounts()
+    out = tmp_path / "bench.json"
+    result = subprocess.run([str(REPO / "scripts" / "bench-scheduler"), "--reads", "1500", "--poll-status", "1",
+                             "--json", str(out)], capture_output=True, text=True, timeout=880, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["vrfs"]["cycles"] > 0, data
+    assert data["vrfs"]["max_ms"] < 100, data
+    assert _mounts() == before
