@@ -175,23 +175,7 @@ def test_a_scrape_reads_the_groups_a_few_per_loop_step(monkeypatch) -> None:
     collector = SourceCollector(monitor.shipper)
     whole = [(m.name, [(s.labels, s.value) for s in m.samples]) for m in collector.collect()]
     monkeypatch.setattr(stepbudget, "STEP_BUDGET", 0.0)
-    others_ran = 0
-
-    async def main() -> None:
-        nonlocal others_ran
-
-        async def other() -> None:
-            nonlocal others_ran
-            while True:
-                others_ran += 1
-                await trio.lowlevel.checkpoint()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(other)
-            await trio.lowlevel.checkpoint()
-            await collector.refresh()
-            nursery.cancel_scope.cancel()
-
-    trio.run(main)
+    _, others_ran = run_counting_steps(collector.refresh)
     assert others_ran >= GROUPS - 1, others_ran
     sliced = [(m.name, [(s.labels, s.value) for s in m.samples]) for m in collector.collect()]
     assert sliced == whole
@@ -207,22 +191,27 @@ def test_a_status_answer_is_encoded_a_few_disks_per_loop_step(monkeypatch) -> No
     monkeypatch.setattr(stepbudget, "STEP_BUDGET", 0.0)
     answer = {"source": "/srv/vmdks", "pid": 1, "disks": [{"path": f"vm{i:03d}/d.raw", "lag_seconds": i / 7,
                                                            "last_point": None} for i in range(DISKS)]}
+    encoded, others_ran = run_counting_steps(lambda: _encoded(answer))
+    assert encoded == json.dumps(answer).encode() + b"\n"
+    assert others_ran >= DISKS - 1, others_ran
+
+
+def run_counting_steps(work):
+    """(what ``await work()`` returns, how many loop steps another task got meanwhile)."""
     others_ran = 0
 
-    async def main() -> bytes:
+    async def other() -> None:
         nonlocal others_ran
+        while True:
+            others_ran += 1
+            await trio.lowlevel.checkpoint()
 
-        async def other() -> None:
-            nonlocal others_ran
-            while True:
-                others_ran += 1
-                await trio.lowlevel.checkpoint()
+    async def main():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(other)
             await trio.lowlevel.checkpoint()
-            encoded = await _encoded(answer)
+            result = await work()
             nursery.cancel_scope.cancel()
-        return encoded
+        return result
 
-    assert trio.run(main) == json.dumps(answer).encode() + b"\n"
-    assert others_ran >= DISKS - 1, others_ran
+    return trio.run(main), others_ran
