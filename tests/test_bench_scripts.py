@@ -132,4 +132,4 @@ def test_bench_scheduler_1000_disks_generous_bound(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["vrfs"]["cycles"] > 0, data
     assert data["vrfs"]["max_ms"] < 100, data
-    assert _mounts() == before
+    assert not [m for m in _mounts() - before if "bench-scheduler-" in m]  # its own mounts are gone
