@@ -158,14 +158,14 @@ def test_a_policy_that_does_not_parse_is_refused(tmp_path) -> None:
 
 @pytest.mark.timeout(240)
 def test_test_failover_of_an_older_point_costs_what_changed_not_the_disk(retaining_site: Site, tmp_path) -> None:
-    """A 4 GiB sparse disk, 1 % of it changed since the point: the images of
+    """A 1 GiB sparse disk, 1 % of it changed since the point: the images of
     that point are made in a fraction of the time a copy of the disk takes."""
     site = retaining_site
-    size, rng = 4 << 30, random.Random(3)
+    size, rng = 1 << 30, random.Random(3)
     (site.mnt / "vm1").mkdir()
     with open(site.mnt / "vm1/big.raw", "wb") as f:
         f.truncate(size)
-        for k in range(0, size, 64 * MiB):  # some data everywhere, mostly holes
+        for k in range(0, size, 16 * MiB):  # some data everywhere, mostly holes
             f.seek(k)
             f.write(rng.randbytes(BS))
     point = site.wait_in_sync("vm1/big.raw", timeout=120)["vm1/big.raw"]["last_point"]["id"]
