@@ -832,6 +832,15 @@ MINIMAL = {
         _new("vm1/a.raw", BS, 1), _new("vm2/b.raw", MiB, 2), _new("vm2/other.raw", BS, 3), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
         _fault("lost_state", "lost-state-one", path="vm2/b.raw"), "check"]),
+    # Seed 201 (40 steps), step 7. After a crash the disk's state file still
+    # names vm2/a.raw; of its names now, vm1/l.raw comes first and the disk
+    # replicates in group vm1, where the DR site has no copy of it, without
+    # a full sync: vm1's replica of l.raw is not the disk.
+    "crash-after-a-hard-linked-disk-was-renamed-recovers-it-in-another-group": ("hardlink", [
+        _new("vm1/o.raw", BS, 1), _new("vm2/a.raw", MiB, 2), _fault("remount", "remount"), "check",
+        Op("link", {"old": "vm2/a.raw", "new": "vm1/l.raw"}, label="hardlink"), "check",
+        Op("rename", {"old": "vm2/a.raw", "new": "vm2/b.raw"}, label="rename-in-group"), "check",
+        _fault("kill_mount", "kill-mount"), _write("vm1/o.raw", 0, 100, 3), "check"]),
 }
 
 # Minimal cases that still fail: strict xfail (an unexpected pass means the

@@ -212,6 +212,13 @@ class Tracker:
         disk = Disk(saved.disk_id, st.st_ino, path, st.st_size, self.block_size, saved.extent_size,
                     active=Bitmap(saved.bitmap), needs_full_sync=saved.needs_full_sync,
                     reason=saved.reason, last_ack_cycle=saved.last_ack_cycle)
+        if group_of(path) != group_of(saved.path):
+            # Its state file's name is gone and another name of it (a hard
+            # link) is in another group: there the DR site has no copy of it,
+            # so, as after a rename into that group, its content is compared.
+            disk.last_ack_cycle = 0
+            log.warning("%s: found under this name, in another group than %s (its name when its state "
+                        "was saved): full sync", path, saved.path)
         if saved.clean:
             if saved.ctime_ns != st.st_ctime_ns or saved.size != st.st_size:
                 disk.mark_full("changed in the backing tree while vrfs was not mounted")
