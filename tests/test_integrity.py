@@ -882,3 +882,30 @@ def test_integrity_minimal(tmp_path, case, say):
                              + "\n" + rig.logs()) from exc
     finally:
         rig.close()
+
+
+@pytest.mark.timeout(180)
+def test_exchange_of_groups_while_a_cycle_is_in_flight(tmp_path, say):
+    """Seed 203 (40 steps), step 26: group directories exchanged while one
+    group's cycle is on the wire. Its acknowledgement must not make the
+    disks, now in the other group where the DR site has no copy of them,
+    look shipped: they are compared there, and their replicas equal them."""
+    rig = Rig(tmp_path)
+    rig.mount.args += ("--bwlimit", "1MB/s")  # the cycle below takes seconds on the wire
+    try:
+        rig.start()
+        rig.apply(_new("vm1/a.raw", 4 * BS, 1))
+        rig.apply(_new("vm2/b.raw", BS, 2))
+        rig.check()
+        rig.apply(_write("vm1/a.raw", 0, 3 * MiB, 3))
+        deadline = time.monotonic() + 30
+        while not any(d["path"] == "vm1/a.raw" and d.get("cycle") for d in rig.status()["disks"]):
+            assert time.monotonic() < deadline, "no cycle of vm1 in flight"
+            time.sleep(0.05)
+        rig.apply(Op("exchange", {"a": "vm1", "b": "vm2"}, label="exchange-groups"))
+        rig.check()
+    except BaseException as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\nsteps:\n  " + "\n  ".join(rig.history)
+                             + "\n" + rig.logs()) from exc
+    finally:
+        rig.close()

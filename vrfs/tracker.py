@@ -540,8 +540,13 @@ class Tracker:
                 self._checkpoint_soon.set()
             # Bits set again after the cut are in disk.active, not here.
             disk.unacked = Bitmap()
-            disk.last_ack_cycle = cycle_id
             disk.changed = True
+            if disk.group != cut.group:
+                # Moved into another group while the cycle was on the wire:
+                # the point is its old group's, and the new group has no copy
+                # of it yet (its full sync, set up by the move, still comes).
+                continue
+            disk.last_ack_cycle = cycle_id
             if part.full_sync:
                 disk.needs_full_sync = False
                 disk.reason = ""
