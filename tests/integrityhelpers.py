@@ -618,6 +618,9 @@ class Rig:
             for n in names:
                 got = self._read_settings(n)
                 self.checks["xattrs_read"] += len(got)
+                listed_attrs = set(os.listxattr(self.m(n)))
+                if not {f"user.vrfs.{k}" for k in SETTING_KEYS} <= listed_attrs:
+                    problems.append(f"{n}: listxattr {sorted(listed_attrs)} lacks a setting")
                 if got != want:
                     problems.append(f"{n} (replicates as {tracked}): xattrs {got}, expected {want} "
                                     f"(own {self.model.own_of(n)})")
