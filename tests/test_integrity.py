@@ -841,6 +841,10 @@ MINIMAL = {
         Op("link", {"old": "vm2/a.raw", "new": "vm1/l.raw"}, label="hardlink"), "check",
         Op("rename", {"old": "vm2/a.raw", "new": "vm2/b.raw"}, label="rename-in-group"), "check",
         _fault("kill_mount", "kill-mount"), _write("vm1/o.raw", 0, 100, 3), "check"]),
+    "crash-right-after-a-rename-into-another-group": ("rename-across", [
+        _new("vm1/o.raw", BS, 1), _new("vm2/a.raw", MiB, 2), _fault("remount", "remount"), "check",
+        Op("rename", {"old": "vm2/a.raw", "new": "vm1/a.raw"}, label="rename-across"),
+        _fault("kill_mount", "kill-mount"), "check"]),
 }
 
 # Minimal cases that still fail: strict xfail (an unexpected pass means the
