@@ -60,7 +60,7 @@ FAULT_WEIGHTS = {
     "remount": 2, "kill-mount": 2, "kill-receiver": 2,
     "lost-state-one": 1, "lost-state-all": 1, "corrupt-state": 1, "replace-mv": 1,
     "dr-delete": 1, "dr-truncate": 1, "dr-damage": 1,
-    "set-then-crash": 2,
+    "set-then-crash": 2, "op-then-crash": 2,
 }
 FAULT_PROBABILITY = 0.25
 MAX_FILES = 10
@@ -528,6 +528,24 @@ class Generator:
         ops.append(Op("kill_mount" if crash else "remount", fault=True,
                       label="set-then-crash" if crash else "set-then-remount"))
         return ops, False
+
+    def f_op_then_crash(self):
+        """Any operation, and kill -9 of the mount before anything has
+        converged or been checkpointed (the other faults come after a
+        convergence: a crash a moment after an operation is another window)."""
+        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        if not ops:
+            return None
+        for _ in range(20):
+            label = self.rng.choices(list(ops), list(ops.values()))[0]
+            op = getattr(self, "o_" + label.replace("-", "_"))()
+            if op is None:
+                continue
+            if not isinstance(op, list):
+                op.label = label
+                op = [op]
+            return op + [Op("kill_mount", fault=True, label="op-then-crash")], False
+        return None
 
     def f_lost_state_all(self):
         return self._fault("lost_state", "lost-state-all", path=None)
