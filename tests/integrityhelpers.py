@@ -66,8 +66,11 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def files_under(root: Path, skip_vrfs: bool = True) -> dict[str, tuple[int, str, int]]:
-    """Regular files under root: relative path -> (size, sha256, inode)."""
+def files_under(root: Path, skip_vrfs: bool = True, volatile: bool = False) -> dict[str, tuple[int, str, int]]:
+    """Regular files under root: relative path -> (size, sha256, inode).
+    ``volatile``: the tree may change meanwhile (the receiver removes the
+    replicas of a group left without disks): a file gone between listing and
+    reading is left out, and the caller looks again."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -75,11 +78,16 @@ def files_under(root: Path, skip_vrfs: bool = True) -> dict[str, tuple[int, str,
             dirnames.remove(".vrfs")
         for name in filenames:
             p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if not (st.st_mode & 0o170000 == 0o100000):
+            try:
+                st = os.lstat(p)
+                if not (st.st_mode & 0o170000 == 0o100000):
+                    continue
+                with open(p, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                if not volatile:
+                    raise
                 continue
-            with open(p, "rb") as f:
-                data = f.read()
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             out[rel] = (len(data), sha(data), st.st_ino)
     return out
@@ -660,7 +668,7 @@ class Rig:
 
     def _replica_problems(self, listed: set[str]) -> tuple[list[str], list[str]]:
         """(mismatches in groups with disks listed in sync, leftovers in groups without disks)."""
-        got = {p: (s, h) for p, (s, h, _) in files_under(self.store / NAME, skip_vrfs=False).items()} \
+        got = {p: (s, h) for p, (s, h, _) in files_under(self.store / NAME, skip_vrfs=False, volatile=True).items()} \
             if (self.store / NAME).exists() else {}
         want = {p: (len(self.model.files[p]), sha(self.model.files[p])) for p in listed}
         live_groups = {group_of(p) for p in listed}
