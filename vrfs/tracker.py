@@ -213,9 +213,10 @@ class Tracker:
                     active=Bitmap(saved.bitmap), needs_full_sync=saved.needs_full_sync,
                     reason=saved.reason, last_ack_cycle=saved.last_ack_cycle)
         if group_of(path) != group_of(saved.path):
-            # Its state file's name is gone and another name of it (a hard
-            # link) is in another group: there the DR site has no copy of it,
-            # so, as after a rename into that group, its content is compared.
+            # Renamed into another group since its state was saved (or only
+            # another name of it, a hard link, is left there): that group's
+            # replica has no copy of it, so, as after a rename while mounted,
+            # its content is compared.
             disk.last_ack_cycle = 0
             log.warning("%s: found under this name, in another group than %s (its name when its state "
                         "was saved): full sync", path, saved.path)
