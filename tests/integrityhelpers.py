@@ -9,12 +9,21 @@ the product: the files under SRC (without .vrfs) and under STORE/hv1 are
 compared by path, size and sha256, and `vrfs status --json` must list exactly
 the source's files, all in sync.
 
+Per-disk settings (docs/settings.md) are modelled too: what each disk set
+through the mount (`user.vrfs.rpo|compression|priority`, kept with the
+model's file object, so it follows renames, exchanges and hard links, and is
+gone with a deleted or replaced file or a lost state file), the rules of the
+rig's `--config` file and the mount's options. Every name of every disk must
+show the effective value, and status the disk's and its group's RPO.
+
 Every process is ended by its PID, every mount removed (lazily if it must
 be); the only network traffic is to 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import glob
 import hashlib
 import json
@@ -38,6 +47,9 @@ MAX_FILE = 3 * MiB  # no file grows past this: steps stay fast
 RETAIN_SLOT = 1  # seconds: the receiver keeps the newest point of every second, for an hour
 RETAIN_POLICY = f"1h:{RETAIN_SLOT}s"
 TEST_MARK = ".vrfs-test-failover.json"
+SETTING_KEYS = ("rpo", "compression", "priority")
+MOUNT_COMPRESSION = 1  # `vrfs mount --compress-level` default
+MOUNT_PRIORITY = 0
 
 AT_FDCWD = -100
 
@@ -54,8 +66,11 @@ def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def files_under(root: Path, skip_vrfs: bool = True) -> dict[str, tuple[int, str, int]]:
-    """Regular files under root: relative path -> (size, sha256, inode)."""
+def files_under(root: Path, skip_vrfs: bool = True, volatile: bool = False) -> dict[str, tuple[int, str, int]]:
+    """Regular files under root: relative path -> (size, sha256, inode).
+    ``volatile``: the tree may change meanwhile (the receiver removes the
+    replicas of a group left without disks): a file gone between listing and
+    reading is left out, and the caller looks again."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -63,11 +78,16 @@ def files_under(root: Path, skip_vrfs: bool = True) -> dict[str, tuple[int, str,
             dirnames.remove(".vrfs")
         for name in filenames:
             p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            if not (st.st_mode & 0o170000 == 0o100000):
+            try:
+                st = os.lstat(p)
+                if not (st.st_mode & 0o170000 == 0o100000):
+                    continue
+                with open(p, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                if not volatile:
+                    raise
                 continue
-            with open(p, "rb") as f:
-                data = f.read()
             rel = name if rel_dir == "." else f"{rel_dir}/{name}"
             out[rel] = (len(data), sha(data), st.st_ino)
     return out
@@ -102,6 +122,33 @@ class Model:
     def __init__(self) -> None:
         self.files: dict[str, bytearray] = {}
         self.dirs: set[str] = set()
+        # Settings made through the mount, per file object (id -> (the object,
+        # key -> value)): the entry holds the object, so its id is not reused.
+        self.own: dict[int, tuple[bytearray, dict[str, float | int]]] = {}
+
+    def own_of(self, path: str) -> dict[str, float | int]:
+        entry = self.own.get(id(self.files[path]))
+        return entry[1] if entry is not None else {}
+
+    def set_own(self, path: str, key: str, value: float | int) -> None:
+        data = self.files[path]
+        self.own.setdefault(id(data), (data, {}))[1][key] = value
+
+    def clear_own(self, path: str, key: str | None = None) -> None:
+        """One key, or all of them (the disk's identity is lost)."""
+        entry = self.own.get(id(self.files[path]))
+        if entry is None:
+            return
+        if key is None:
+            entry[1].clear()
+        else:
+            entry[1].pop(key, None)
+        if not entry[1]:
+            del self.own[id(self.files[path])]
+
+    def prune_own(self) -> None:
+        live = {id(d) for d in self.files.values()}
+        self.own = {k: v for k, v in self.own.items() if k in live}
 
     def groups(self) -> set[str]:
         return {group_of(p) for p in self.files} | {d for d in self.dirs if "/" not in d}
@@ -219,7 +266,8 @@ class Rig:
     """A source datastore SRC mounted at MNT with --peer, and its receiver
     serving STORE. Applies ops to both the mount and the model, and checks."""
 
-    def __init__(self, tmp: Path, rpo: str = "1s", converge_timeout: float = 40.0, retain: bool = False) -> None:
+    def __init__(self, tmp: Path, rpo: str = "1s", converge_timeout: float = 40.0, retain: bool = False,
+                 config: Config | None = None) -> None:
         self.tmp = tmp
         self.src = tmp / "src"
         self.mnt = tmp / "mnt"
@@ -230,8 +278,16 @@ class Rig:
         self.converge_timeout = converge_timeout
         self.port = free_port()
         self.server = Server(f"dir:{self.store}", tmp / "serve.log", port=self.port)
+        # The layers under a disk's own settings: the mount's options, and the
+        # rules of a --config file if the rig has one.
+        self.config = config
+        self.mount_defaults = {"rpo": seconds(rpo), "compression": MOUNT_COMPRESSION, "priority": MOUNT_PRIORITY}
+        config_args: tuple[str, ...] = ()
+        if config is not None:
+            (tmp / "vrfs.toml").write_text(config.toml())
+            config_args = ("--config", str(tmp / "vrfs.toml"))
         self.mount = Mount(self.src, self.mnt, tmp / "mount.log", "--peer", f"127.0.0.1:{self.port}",
-                           "--name", NAME, "--rpo", rpo)
+                           "--name", NAME, "--rpo", rpo, *config_args)
         self.model = Model()
         self.history: list[str] = []
         self.ops = Counter()
@@ -367,6 +423,49 @@ class Rig:
     def do_sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    # Per-disk settings through the mount --------------------------------
+
+    def do_set_setting(self, path: str, key: str, text: bytes, value: float | int | None = None,
+                       error: str | None = None) -> None:
+        """setxattr user.vrfs.KEY: ``value`` is what it must take effect as;
+        with ``error`` (an errno name) it must fail so and change nothing."""
+        self.checks["settings_ops"] += 1
+        is_disk = path in self.model.files  # a directory takes no setting (EPERM)
+        before = self._read_settings(path) if is_disk else None
+        try:
+            os.setxattr(self.m(path), f"user.vrfs.{key}", text)
+        except OSError as exc:
+            if error is None or exc.errno != getattr(errno, error):
+                raise CheckFailed(f"setxattr {path} user.vrfs.{key}={text!r}: {exc}, expected "
+                                  f"{error or 'success'}") from None
+            after = self._read_settings(path) if is_disk else None
+            if after != before:
+                raise CheckFailed(f"refused setxattr {path} user.vrfs.{key}={text!r} changed {before} "
+                                  f"to {after}") from None
+            return
+        if error is not None:
+            raise CheckFailed(f"setxattr {path} user.vrfs.{key}={text!r} succeeded, expected {error}")
+        if path in self.model.files:
+            self.model.set_own(path, key, value)
+
+    def do_remove_setting(self, path: str, key: str) -> None:
+        """removexattr user.vrfs.KEY: back to the rule or the mount's option;
+        ENODATA when the disk did not set it."""
+        self.checks["settings_ops"] += 1
+        was_set = key in self.model.own_of(path)
+        try:
+            os.removexattr(self.m(path), f"user.vrfs.{key}")
+        except OSError as exc:
+            if was_set or exc.errno != errno.ENODATA:
+                raise CheckFailed(f"removexattr {path} user.vrfs.{key} (set: {was_set}): {exc}") from None
+            return
+        if not was_set:
+            raise CheckFailed(f"removexattr {path} user.vrfs.{key} succeeded, but the disk had not set it")
+        self.model.clear_own(path, key)
+
+    def _read_settings(self, path: str) -> dict[str, float | int]:
+        return {k: read_setting(k, os.getxattr(self.m(path), f"user.vrfs.{k}")) for k in SETTING_KEYS}
+
     # Faults at the protected site ---------------------------------------
 
     def do_remount(self) -> None:
@@ -389,6 +488,9 @@ class Rig:
         every disk: path None) is lost."""
         self.umount()
         victims = self._state_files() if path is None else [str(self._state_file_of(path))]
+        # Without its state file a disk has a new identity: what it set through the mount is gone.
+        for p in list(self.model.files) if path is None else [path]:
+            self.model.clear_own(p)
         for v in victims:
             try:
                 os.unlink(v)
@@ -402,6 +504,7 @@ class Rig:
         self.umount()
         sf = self._state_file_of(path)
         if sf.exists():
+            self.model.clear_own(path)  # a damaged state file is refused: a new identity
             rng = random.Random(seed)
             size = sf.stat().st_size
             if how == "truncate":
@@ -490,6 +593,57 @@ class Rig:
                     raise CheckFailed(f"{root}: {names} and {inos[ino]} share inode {ino}")
                 inos[ino] = names
 
+    def expected_settings(self, path: str, tracked: str) -> dict[str, float | int]:
+        """What the disk named ``path`` must show: its own setting, else the
+        last rule of the configuration file that matches the name it
+        replicates under, else the mount's option."""
+        own = self.model.own_of(path)
+        out = {}
+        for key in SETTING_KEYS:
+            if key in own:
+                out[key] = own[key]
+                continue
+            out[key] = self.mount_defaults[key]
+            for glob_, values in reversed(self.config.rules() if self.config else []):
+                if key in values and fnmatch.fnmatchcase(tracked, glob_):
+                    out[key] = values[key]
+                    break
+        return out
+
+    def check_settings(self) -> None:
+        """Every name of every disk shows its effective settings; status shows
+        the disk's RPO and its group's (the smallest of its disks')."""
+        self.checks["settings_checks"] += 1
+        self.model.prune_own()
+        disks = {d["path"]: d for d in self.status()["disks"]}
+        group_rpo: dict[str, float] = {}
+        problems = []
+        for names in self.model.objects():
+            listed = [n for n in names if n in disks]
+            tracked = listed[0] if len(listed) == 1 else names[0]
+            want = self.expected_settings(names[0], tracked)
+            group_rpo[group_of(tracked)] = min(group_rpo.get(group_of(tracked), want["rpo"]), want["rpo"])
+            for n in names:
+                got = self._read_settings(n)
+                self.checks["xattrs_read"] += len(got)
+                listed_attrs = set(os.listxattr(self.m(n)))
+                if not {f"user.vrfs.{k}" for k in SETTING_KEYS} <= listed_attrs:
+                    problems.append(f"{n}: listxattr {sorted(listed_attrs)} lacks a setting")
+                if got != want:
+                    problems.append(f"{n} (replicates as {tracked}): xattrs {got}, expected {want} "
+                                    f"(own {self.model.own_of(n)})")
+            d = disks.get(tracked)
+            if d is not None and d.get("disk_rpo_seconds") != want["rpo"]:
+                problems.append(f"{tracked}: status disk_rpo_seconds {d.get('disk_rpo_seconds')}, expected "
+                                f"{want['rpo']}")
+        for p, d in disks.items():
+            g = group_of(p)
+            if g in group_rpo and d.get("rpo_seconds") != group_rpo[g]:
+                problems.append(f"{p}: status rpo_seconds {d.get('rpo_seconds')}, expected its group's "
+                                f"{group_rpo[g]}")
+        if problems:
+            raise CheckFailed("settings differ from the model:\n" + "\n".join(problems))
+
     def status(self) -> dict:
         from vrfs.status import mount_status
         return mount_status(str(self.mnt))
@@ -514,7 +668,7 @@ class Rig:
 
     def _replica_problems(self, listed: set[str]) -> tuple[list[str], list[str]]:
         """(mismatches in groups with disks listed in sync, leftovers in groups without disks)."""
-        got = {p: (s, h) for p, (s, h, _) in files_under(self.store / NAME, skip_vrfs=False).items()} \
+        got = {p: (s, h) for p, (s, h, _) in files_under(self.store / NAME, skip_vrfs=False, volatile=True).items()} \
             if (self.store / NAME).exists() else {}
         want = {p: (len(self.model.files[p]), sha(self.model.files[p])) for p in listed}
         live_groups = {group_of(p) for p in listed}
@@ -575,7 +729,9 @@ class Rig:
 
     def check(self, lenient: bool = False) -> None:
         self.check_source()
+        self.check_settings()
         self.converge(lenient=lenient)
+        self.check_settings()  # and still so once every group has shipped
 
     # ------------------------------------------------------- kept points
 
@@ -626,6 +782,43 @@ class Rig:
                 return "(none)"
         return (f"--- mount log (tail) ---\n{tail(self.mount.log_path, 4000)}\n"
                 f"--- serve log (tail) ---\n{tail(self.server.log_path, 3000)}")
+
+
+# ------------------------------------------------------------- settings
+
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(text: str) -> float:
+    """'2s', '90', '1m' -> seconds (the test's own reading of a duration)."""
+    text = text.strip()
+    unit = text[-1] if text and text[-1] in "smhd" else ""
+    return float(text[:len(text) - len(unit)]) * _UNITS[unit]
+
+
+def read_setting(key: str, raw: bytes) -> float | int:
+    text = raw.decode()
+    return seconds(text) if key == "rpo" else int(text)
+
+
+@dataclass
+class Config:
+    """A `vrfs mount --config` file: [default] values and [[rule]]s of globs."""
+    default: dict = field(default_factory=dict)
+    rule_list: list[tuple[str, dict]] = field(default_factory=list)
+
+    def rules(self) -> list[tuple[str, dict]]:
+        """In order; [default] is a rule that matches every disk, first."""
+        parsed = [("*", self.default)] + self.rule_list
+        return [(g, {k: seconds(v) if k == "rpo" else v for k, v in values.items()}) for g, values in parsed]
+
+    def toml(self) -> str:
+        def table(values: dict) -> str:
+            return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+        out = "[default]\n" + table(self.default)
+        for glob_, values in self.rule_list:
+            out += f"\n[[rule]]\nmatch = {json.dumps(glob_)}\n" + table(values)
+        return out
 
 
 def diff(want: dict, got: dict) -> str:

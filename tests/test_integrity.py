@@ -2,20 +2,25 @@
 
 A real `vrfs mount` replicates to a real `vrfs serve` on 127.0.0.1 while a
 random sequence of operations (writes, truncates, punched holes, creations,
-deletions, renames of every kind, RENAME_EXCHANGE, hard links) and faults
+deletions, renames of every kind, RENAME_EXCHANGE, hard links, per-disk
+settings set and removed through the mount, valid and not, right before
+renames, exchanges, deletions and recreations and crashes) and faults
 (unmount, kill -9 of either side, lost or damaged state files, an image
 replaced behind vrfs's back, replicas deleted, cut short or damaged at the
 DR site) runs against it. After every step the source must equal the model
 (the datastore behaves like a plain directory), and once status says every
 disk is in sync, every replica must be byte-identical to its source: in-sync
-is never trusted alone.
+is never trusted alone. Every name of every disk must show the settings the
+model gives it (its own, else the --config rule, else the mount's option);
+odd seeds mount with a --config file (CONFIG), so the layers interact.
 
 Replay a run:  VRFS_INTEGRITY_SEED=N VRFS_INTEGRITY_STEPS=M python -m pytest tests/test_integrity.py -k short
 Environment:
   VRFS_INTEGRITY_SEED     seed, or comma-separated seeds (default: DEFAULT_SEEDS; random for the slow run)
-  VRFS_INTEGRITY_STEPS    steps per seed (default 25; slow run 2000)
+  VRFS_INTEGRITY_STEPS    steps per seed (default 20; slow run 2000)
   VRFS_INTEGRITY_KINDS    comma-separated labels: only these operations/faults are chosen
   VRFS_INTEGRITY_ALL=1    ignore KNOWN_BROKEN (to see whether a fix landed)
+  VRFS_INTEGRITY_CONFIG   1: mount with CONFIG, 0: without (default: odd seeds with)
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from integrityhelpers import (BS, MAX_FILE, MiB, Model, Op, Rig, content, group_of,
+from integrityhelpers import (BS, MAX_FILE, SETTING_KEYS, Config, MiB, Model, Op, Rig, content, group_of,
                               verify_available)
 
 # Fault and operation kinds left out of the default run while a fix is
@@ -38,7 +43,7 @@ from integrityhelpers import (BS, MAX_FILE, MiB, Model, Op, Rig, content, group_
 KNOWN_BROKEN: set[str] = set()
 
 DEFAULT_SEEDS = [1]  # and seed 3 with kept points (test_integrity_points)
-SHORT_STEPS = 25
+SHORT_STEPS = 20  # the default run is near its time budget; settings and crash steps cost more
 SLOW_STEPS = 2000
 POINTS_STEPS = 6
 POINTS_AT_END = 6  # kept points compared when the run ends (all of them in a longer run)
@@ -49,15 +54,40 @@ OP_WEIGHTS = {
     "rename-in-group": 2, "rename-across": 2, "rename-over": 1, "rename-over-across": 1,
     "rename-group": 1, "rename-subdir": 1, "exchange-files": 1, "exchange-top": 1, "exchange-groups": 1,
     "hardlink": 1,
+    "set": 3, "set-invalid": 1, "unset": 2, "set-then-move": 2, "recreate": 1,
 }
 FAULT_WEIGHTS = {
     "remount": 2, "kill-mount": 2, "kill-receiver": 2,
     "lost-state-one": 1, "lost-state-all": 1, "corrupt-state": 1, "replace-mv": 1,
     "dr-delete": 1, "dr-truncate": 1, "dr-damage": 1,
+    "set-then-crash": 2, "op-then-crash": 2,
 }
 FAULT_PROBABILITY = 0.25
 MAX_FILES = 10
 MAX_GROUPS = 4
+
+# Settings through the mount: (value as written, what it takes effect as).
+# RPOs stay at a few seconds, so that cycles stay frequent (a group with a
+# change is cut at half its RPO: every convergence waits that long).
+VALID_SETTINGS = {
+    "rpo": [(b"1s", 1.0), (b"2s", 2.0), (b"1", 1.0), (b" 1.5s ", 1.5), (b"1.5s", 1.5), (b"3s", 3.0),
+            (b"2s\0", 2.0)],
+    "compression": [(str(n).encode(), n) for n in range(1, 20)] + [(b" 7 ", 7)],
+    "priority": [(str(n).encode(), n) for n in (-100, -7, -1, 0, 1, 5, 42, 100)] + [(b"+5", 5)],
+}
+INVALID_SETTINGS = {
+    "rpo": [b"0.5s", b"0", b"fast", b"-1s", b"", b"1e3", b"400d", b"nan", b"2 s s", b"inf"],
+    "compression": [b"0", b"20", b"x", b"1.5", b"-3", b"", b"1 9"],
+    "priority": [b"101", b"-101", b"x", b"1.0", b"", b"0x10"],
+}
+# Rules for odd seeds' mounts: globs over the names the generator makes
+# (vm1, vm2, vm1NN, topNN.img, subNN directories).
+CONFIG = Config(default={"compression": 3}, rule_list=[
+    ("vm2/*", {"rpo": "1.5s", "priority": 5}),
+    ("top*", {"rpo": "2s", "compression": 6}),
+    ("*/sub*/*", {"priority": -7, "compression": 2}),
+    ("vm1*", {"rpo": "1.5s"}),
+])
 
 pytestmark = pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs FUSE")
 
@@ -140,6 +170,9 @@ class Generator:
             for _ in range(20):
                 label = r.choices(list(ops), list(ops.values()))[0]
                 op = getattr(self, "o_" + label.replace("-", "_"))()
+                if isinstance(op, list):  # a sequence: each op keeps its own label
+                    yield from op
+                    break
                 if op is not None:
                     op.label = label
                     yield op
@@ -343,6 +376,121 @@ class Generator:
         parent = self.rng.choice(self._parents(group_of(p)))
         return Op("link", {"old": p, "new": self.free_name_in(parent, "link", ".raw")})
 
+    # ----------------------------------------------------------- settings
+
+    def _set(self, path: str, valid: bool = True) -> Op:
+        r = self.rng
+        key = r.choice(SETTING_KEYS)
+        if valid:
+            text, value = r.choice(VALID_SETTINGS[key])
+            return Op("set_setting", {"path": path, "key": key, "text": text, "value": value}, label="set")
+        how = r.random()
+        if how < 0.7:
+            args = {"key": key, "text": r.choice(INVALID_SETTINGS[key]), "error": "EINVAL"}
+        elif how < 0.8:
+            args = {"key": r.choice(["colour", "rpo_seconds", "Rpo"]), "text": b"1", "error": "EINVAL"}
+        elif how < 0.9:
+            args = {"key": key, "text": b"1" * 65, "error": "EINVAL"}
+        else:
+            args = {"key": r.choice(["lag", "state", "last_point"]), "text": b"0", "error": "EPERM"}
+        return Op("set_setting", {"path": path, **args}, label="set-invalid")
+
+    def o_set(self) -> Op | None:
+        files = self.files()
+        return self._set(self.rng.choice(files)) if files else None
+
+    def o_set_invalid(self) -> Op | None:
+        files = self.files()
+        if not files:
+            return None
+        dirs = sorted(self.model.dirs)
+        if dirs and self.rng.random() < 0.2:  # settings are per disk: a group takes a rule
+            key = self.rng.choice(SETTING_KEYS)
+            return Op("set_setting", {"path": self.rng.choice(dirs), "key": key,
+                                      "text": VALID_SETTINGS[key][0][0], "error": "EPERM"}, label="set-invalid")
+        return self._set(self.rng.choice(files), valid=False)
+
+    def o_unset(self) -> Op | None:
+        files = self.files()
+        if not files:
+            return None
+        r = self.rng
+        with_own = [p for p in files if self.model.own_of(p)]
+        if with_own and r.random() < 0.8:
+            p = r.choice(with_own)
+            return Op("remove_setting", {"path": p, "key": r.choice(sorted(self.model.own_of(p)))})
+        return Op("remove_setting", {"path": r.choice(files), "key": r.choice(SETTING_KEYS)})  # maybe ENODATA
+
+    def o_set_then_move(self):
+        """A setting, and at once a rename, an exchange, a hard link or a
+        deletion and recreation of that disk (or over it)."""
+        files = self.files()
+        if len(files) < 2:
+            return None
+        r = self.rng
+        p = r.choice(files)
+        other = r.choice([f for f in files if f != p])
+        ops = [self._set(p)]
+        if r.random() < 0.3:
+            ops.append(self._set(other))
+        how = r.choice(["rename", "rename-across", "over", "over-it", "exchange", "link", "recreate"])
+        if how == "rename":
+            parents = self._parents(group_of(p)) if "/" in p else []
+            new = self.free_name_in(r.choice(parents)) if parents else self.fresh("top", ".img")
+            if "/" not in p and len(self.model.groups()) >= MAX_GROUPS:
+                return None
+            ops.append(Op("rename", {"old": p, "new": new}, label="rename-in-group"))
+        elif how == "rename-across":
+            parents = [d for d in self._parents() if group_of(d) != group_of(p)]
+            if not parents:
+                return None
+            ops.append(Op("rename", {"old": p, "new": self.free_name_in(r.choice(parents))},
+                          label="rename-across"))
+        elif how == "over":
+            ops.append(Op("rename", {"old": p, "new": other}, label="rename-over"))
+        elif how == "over-it":
+            ops.append(Op("rename", {"old": other, "new": p}, label="rename-over"))
+        elif how == "exchange":
+            ops.append(Op("exchange", {"a": p, "b": other}, label="exchange-files"))
+        elif how == "link":
+            if "/" not in p or len(files) >= MAX_FILES:
+                return None
+            parent = r.choice(self._parents(group_of(p)))
+            new = self.free_name_in(parent, "link", ".raw")
+            ops.append(Op("link", {"old": p, "new": new}, label="hardlink"))
+            if r.random() < 0.5:
+                ops.append(self._set(new))
+        else:
+            ops += self._recreate(p)
+        if r.random() < 0.5:
+            ops.append(self._set(r.choice(sorted(self._names_after(ops)))))
+        return ops
+
+    def _names_after(self, ops: list[Op]) -> set[str]:
+        """The file names there will be once ``ops`` have run (for a setting
+        right after them)."""
+        names = set(self.model.files)
+        for op in ops:
+            a = op.args
+            if op.kind == "rename":
+                names.discard(a["old"])
+                names.add(a["new"])
+            elif op.kind in ("link", "create"):
+                names.add(a.get("new") or a["path"])
+        return names
+
+    def _recreate(self, p: str) -> list[Op]:
+        """Deleted and created again under the same name: another disk."""
+        ops = [Op("delete", {"path": p, "rmdirs": False}, label="recreate"),
+               Op("create", {"path": p, "data": self.data()}, label="recreate")]
+        if self.rng.random() < 0.5:
+            ops.append(self._set(p))
+        return ops
+
+    def o_recreate(self):
+        files = self.files()
+        return self._recreate(self.rng.choice(files)) if files else None
+
     # ----------------------------------------------------------- faults
 
     def _fault(self, kind: str, label: str, **args) -> tuple[list[Op], bool]:
@@ -360,6 +508,45 @@ class Generator:
     def f_lost_state_one(self):
         files = self.files()
         return self._fault("lost_state", "lost-state-one", path=self.rng.choice(files)) if files else None
+
+    def f_set_then_crash(self):
+        """A setting on a disk (a new one, or one just recreated, half the
+        time) and at once kill -9 of the mount, or an unmount: it must survive."""
+        files = self.files()
+        if not files:
+            return None
+        r = self.rng
+        p = r.choice(files)
+        ops: list[Op] = []
+        if r.random() < 0.5:
+            if len(files) < MAX_FILES and self._parents() and r.random() < 0.6:
+                p = self.free_name_in(r.choice(self._parents()))
+                ops.append(Op("create", {"path": p, "data": self.data()}, label="create"))
+            else:
+                ops += self._recreate(p)[:2]
+        ops.append(self._set(p))
+        crash = r.random() < 0.7
+        ops.append(Op("kill_mount" if crash else "remount", fault=True,
+                      label="set-then-crash" if crash else "set-then-remount"))
+        return ops, False
+
+    def f_op_then_crash(self):
+        """Any operation, and kill -9 of the mount before anything has
+        converged or been checkpointed (the other faults come after a
+        convergence: a crash a moment after an operation is another window)."""
+        ops = {k: w for k, w in OP_WEIGHTS.items() if k in self.allowed}
+        if not ops:
+            return None
+        for _ in range(20):
+            label = self.rng.choices(list(ops), list(ops.values()))[0]
+            op = getattr(self, "o_" + label.replace("-", "_"))()
+            if op is None:
+                continue
+            if not isinstance(op, list):
+                op.label = label
+                op = [op]
+            return op + [Op("kill_mount", fault=True, label="op-then-crash")], False
+        return None
 
     def f_lost_state_all(self):
         return self._fault("lost_state", "lost-state-all", path=None)
@@ -464,19 +651,25 @@ def _allowed(include_broken: bool) -> set[str]:
 
 def replay_command(seed: int, steps: int, test: str) -> str:
     env = [f"VRFS_INTEGRITY_SEED={seed}", f"VRFS_INTEGRITY_STEPS={steps}"]
-    for var in ("VRFS_INTEGRITY_KINDS", "VRFS_INTEGRITY_ALL"):
+    for var in ("VRFS_INTEGRITY_KINDS", "VRFS_INTEGRITY_ALL", "VRFS_INTEGRITY_CONFIG"):
         if os.environ.get(var):
             env.append(f"{var}={shlex.quote(os.environ[var])}")
     return (f"cd {Path(__file__).resolve().parent.parent} && {' '.join(env)} "
             f"{sys.executable} -m pytest tests/test_integrity.py -q -m 'slow or not slow' -k {test}")
 
 
+def _with_config(seed: int) -> bool:
+    forced = os.environ.get("VRFS_INTEGRITY_CONFIG", "").strip()
+    return forced == "1" if forced else seed % 2 == 1
+
+
 def run_integrity(tmp_path: Path, seed: int, steps: int, test: str, say, include_broken: bool = False,
                   points: bool = False) -> dict:
     allowed = _allowed(include_broken)
     replay = replay_command(seed, steps, test)
-    say(f"\n[integrity] seed {seed}, {steps} steps; replay: {replay}")
-    rig = Rig(tmp_path, retain=points)
+    config = CONFIG if _with_config(seed) else None
+    say(f"\n[integrity] seed {seed}, {steps} steps{', with --config' if config else ''}; replay: {replay}")
+    rig = Rig(tmp_path, retain=points, config=config)
     rng = random.Random(seed)
     points_rng = random.Random(seed ^ 0x5EED)  # which kept points are checked: the operations stay the seed's
     t0 = time.monotonic()
@@ -658,7 +851,24 @@ MINIMAL = {
         _new("vm1/a.raw", BS, 1), _new("vm2/b.raw", MiB, 2), _new("vm2/other.raw", BS, 3), "check",
         Op("link", {"old": "vm2/b.raw", "new": "vm1/c.raw"}, label="hardlink"), "check",
         _fault("lost_state", "lost-state-one", path="vm2/b.raw"), "check"]),
+    # Seed 201 (40 steps), step 7. After a crash the disk's state file still
+    # names vm2/a.raw; of its names now, vm1/l.raw comes first and the disk
+    # replicates in group vm1, where the DR site has no copy of it, without
+    # a full sync: vm1's replica of l.raw is not the disk.
+    "crash-after-a-hard-linked-disk-was-renamed-recovers-it-in-another-group": ("hardlink", [
+        _new("vm1/o.raw", BS, 1), _new("vm2/a.raw", MiB, 2), _fault("remount", "remount"), "check",
+        Op("link", {"old": "vm2/a.raw", "new": "vm1/l.raw"}, label="hardlink"), "check",
+        Op("rename", {"old": "vm2/a.raw", "new": "vm2/b.raw"}, label="rename-in-group"), "check",
+        _fault("kill_mount", "kill-mount"), _write("vm1/o.raw", 0, 100, 3), "check"]),
+    "crash-right-after-a-rename-into-another-group": ("rename-across", [
+        _new("vm1/o.raw", BS, 1), _new("vm2/a.raw", MiB, 2), _fault("remount", "remount"), "check",
+        Op("rename", {"old": "vm2/a.raw", "new": "vm1/a.raw"}, label="rename-across"),
+        _fault("kill_mount", "kill-mount"), "check"]),
 }
+
+# Minimal cases that run with the slow ones only: another case in the
+# default run covers the same fix.
+MINIMAL_SLOW = {"crash-after-a-hard-linked-disk-was-renamed-recovers-it-in-another-group"}
 
 # Minimal cases that still fail: strict xfail (an unexpected pass means the
 # fix landed: move the case out of here). VRFS_INTEGRITY_ALL=1 runs them as
@@ -672,6 +882,8 @@ def _minimal_params() -> list:
         marks = []
         if case in MINIMAL_BROKEN and os.environ.get("VRFS_INTEGRITY_ALL") != "1":
             marks.append(pytest.mark.xfail(reason=MINIMAL_BROKEN[case], strict=True))
+        if case in MINIMAL_SLOW:
+            marks.append(pytest.mark.slow)
         out.append(pytest.param(case, marks=marks, id=case))
     return out
 
@@ -696,6 +908,40 @@ def test_integrity_minimal(tmp_path, case, say):
                 rig.apply(item, i)
     except BaseException as exc:
         raise AssertionError(f"{case}: {type(exc).__name__}: {exc}\nsteps:\n  " + "\n  ".join(rig.history)
+                             + "\n" + rig.logs()) from exc
+    finally:
+        rig.close()
+
+
+@pytest.mark.timeout(180)
+def test_exchange_of_groups_while_a_cycle_is_in_flight(tmp_path, say):
+    """Seed 203 (40 steps), step 26: group directories exchanged while one
+    group's cycle is on the wire. Its acknowledgement must not make the
+    disks, now in the other group where the DR site has no copy of them,
+    look shipped: they are compared there, and their replicas equal them."""
+    rig = Rig(tmp_path)
+    rig.mount.args += ("--bwlimit", "1MB/s")  # the cycle below takes seconds on the wire
+    try:
+        rig.start()
+        rig.apply(_new("vm1/a.raw", 4 * BS, 1))
+        rig.apply(_new("vm2/b.raw", BS, 2))
+        rig.check()
+        for attempt in range(5):  # a busy machine may let a cycle pass unseen: write again
+            rig.apply(_write("vm1/a.raw", 0, MiB, 3 + attempt))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                disk = next(d for d in rig.status()["disks"] if d["path"] == "vm1/a.raw")
+                if disk.get("cycle") or disk["state"] == "in-sync":
+                    break
+                time.sleep(0.02)
+            if disk.get("cycle"):
+                break
+        else:
+            raise AssertionError("no cycle of vm1 seen in flight")
+        rig.apply(Op("exchange", {"a": "vm1", "b": "vm2"}, label="exchange-groups"))
+        rig.check()
+    except BaseException as exc:
+        raise AssertionError(f"{type(exc).__name__}: {exc}\nsteps:\n  " + "\n  ".join(rig.history)
                              + "\n" + rig.logs()) from exc
     finally:
         rig.close()

@@ -261,3 +261,20 @@ def test_a_setting_that_cannot_be_saved_is_refused_and_not_in_effect(tmp_path, m
     os.setxattr(disk, "user.vrfs.rpo", b"30s")
     assert attr(disk, "rpo") == "30s"
     assert '"rpo": 30.0' in (src / ".vrfs" / "settings.json").read_text()
+
+
+def test_a_setting_on_a_new_disk_survives_kill_9_of_the_mount(tmp_path, mount_factory) -> None:
+    """A disk created through the mount, given a setting, and the daemon
+    killed before its first checkpoint: the setting is still the disk's."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    mnt.mkdir()
+    m = mount_factory(src, mnt, "--rpo", "2s")
+    (mnt / "vm1").mkdir()
+    disk = mnt / "vm1" / "a.raw"
+    disk.write_bytes(b"x" * 70_000)
+    os.setxattr(disk, "user.vrfs.rpo", b"30s")
+    os.setxattr(disk, "user.vrfs.priority", b"7")
+    m.kill()
+    mount_factory(src, mnt, "--rpo", "2s")
+    assert attr(disk, "rpo") == "30s" and attr(disk, "priority") == "7"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -35,10 +35,14 @@ class XattrError(Exception):
 
 class DiskAttributes:
     def __init__(self, settings: Settings, live: Callable[[Disk], dict[str, Any]] | None = None,
-                 on_change: Callable[[Disk], None] | None = None) -> None:
+                 on_change: Callable[[Disk], None] | None = None,
+                 checkpoint: Callable[[], Awaitable[None]] | None = None) -> None:
         self.settings = settings
         self.live = live  # the shipper's view of a disk; None without --peer
         self.on_change = on_change  # a setting changed: the scheduler looks at the disk's group again
+        # The tracker's checkpoint: it writes the state file of a disk that has
+        # none yet, and a setting is kept by the identity that file holds.
+        self.checkpoint = checkpoint
         self._lock = trio.Lock()
 
     def names(self) -> list[str]:
@@ -71,7 +75,7 @@ class DiskAttributes:
         except (UnicodeDecodeError, ValueError) as exc:
             log.warning("%s: %s=%r refused: %s", disk.path, name, value[:MAX_VALUE], exc)
             raise XattrError(errno.EINVAL) from None
-        await self._persist(disk, lambda: self.settings.staged_set(disk.disk_id, key, text)[0])
+        await self._persist(disk, lambda: self.settings.staged_set(disk.disk_id, key, text)[0], identity=True)
         log.info("%s: %s set to %s", disk.path, key, format_value(key, parsed))
 
     async def remove(self, disk: Disk, name: str) -> None:
@@ -83,17 +87,23 @@ class DiskAttributes:
         await self._persist(disk, lambda: self.settings.staged_clear(disk.disk_id, key))
         log.info("%s: %s back to %s", disk.path, key, self.settings.for_disk(disk.disk_id, disk.path).where(key))
 
-    async def _persist(self, disk: Disk, stage: Callable[[], dict[str, dict[str, Any]] | None]) -> None:
+    async def _persist(self, disk: Disk, stage: Callable[[], dict[str, dict[str, Any]] | None],
+                       identity: bool = False) -> None:
         """Written (fsync) in a worker thread, one change at a time, and in
         effect only once it is durable: the FUSE loop never waits on the disk.
         Each change is staged under the lock, on top of the one before it:
         staged earlier, two changes at once would each drop the other's.
-        ``stage`` returning None: nothing to remove (ENODATA)."""
+        ``stage`` returning None: nothing to remove (ENODATA). With
+        ``identity``, the disk's identity is made durable first: a disk created
+        since the last checkpoint has no state file, and after a crash it
+        would come back under a new identity, without its setting."""
         async with self._lock:
             overrides = stage()
             if overrides is None:
                 raise XattrError(errno.ENODATA)
             try:
+                if identity and self.checkpoint is not None:
+                    await self.checkpoint()
                 await trio.to_thread.run_sync(self.settings.persist, overrides)
             except OSError as exc:
                 log.error("%s: cannot save the setting: %s", disk.path, exc.strerror or exc)

@@ -300,7 +300,8 @@ def _run(config: MountConfig, ready) -> int:
         from vrfs.settings import Settings
         settings = Settings({"rpo": config.rpo, "compression": config.compress_level}, config.rules, config.vrfs_fd)
         settings.forget({d.disk_id for d in tracker.disks.values()})
-        ops.disk_attributes = DiskAttributes(settings, live=lambda disk: tracker.describe(disk))
+        ops.disk_attributes = DiskAttributes(settings, live=lambda disk: tracker.describe(disk),
+                                             checkpoint=tracker.checkpoint)
     try:
         shipper = None
         if tracker is not None and config.peer is not None:

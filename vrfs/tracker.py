@@ -219,6 +219,14 @@ class Tracker:
         disk = Disk(saved.disk_id, st.st_ino, path, st.st_size, self.block_size, saved.extent_size,
                     active=Bitmap(saved.bitmap), needs_full_sync=saved.needs_full_sync,
                     reason=saved.reason, last_ack_cycle=saved.last_ack_cycle)
+        if group_of(path) != group_of(saved.path):
+            # Renamed into another group since its state was saved (or only
+            # another name of it, a hard link, is left there): that group's
+            # replica has no copy of it, so, as after a rename while mounted,
+            # its content is compared.
+            disk.last_ack_cycle = 0
+            log.warning("%s: found under this name, in another group than %s (its name when its state "
+                        "was saved): full sync", path, saved.path)
         if saved.clean:
             if saved.ctime_ns != st.st_ctime_ns or saved.size != st.st_size:
                 disk.mark_full("changed in the backing tree while vrfs was not mounted")
@@ -547,8 +555,13 @@ class Tracker:
                 self._checkpoint_soon.set()
             # Bits set again after the cut are in disk.active, not here.
             disk.unacked = Bitmap()
-            disk.last_ack_cycle = cycle_id
             disk.changed = True
+            if disk.group != cut.group:
+                # Moved into another group while the cycle was on the wire:
+                # the point is its old group's, and the new group has no copy
+                # of it yet (its full sync, set up by the move, still comes).
+                continue
+            disk.last_ack_cycle = cycle_id
             if part.full_sync:
                 disk.needs_full_sync = False
                 disk.reason = ""
