@@ -241,16 +241,22 @@ def test_the_scheduler_never_walks_clean_groups() -> None:
     assert sched.RECHECK <= 1.0
 
 
-def test_a_setting_that_cannot_be_saved_is_refused_and_not_in_effect(tmp_path, mount_factory) -> None:
-    """settings.json is written in a worker thread before the setting takes
-    effect: when it cannot be written, setxattr fails and nothing changed."""
+def one_disk(tmp_path, mount_factory, size: int):
+    """A datastore mounted with --rpo 2s holding vm1/a.raw of ``size`` bytes: (src, mnt, mount, disk)."""
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
     mnt.mkdir()
     m = mount_factory(src, mnt, "--rpo", "2s")
     (mnt / "vm1").mkdir()
     disk = mnt / "vm1" / "a.raw"
-    disk.write_bytes(b"x" * 4096)
+    disk.write_bytes(b"x" * size)
+    return src, mnt, m, disk
+
+
+def test_a_setting_that_cannot_be_saved_is_refused_and_not_in_effect(tmp_path, mount_factory) -> None:
+    """settings.json is written in a worker thread before the setting takes
+    effect: when it cannot be written, setxattr fails and nothing changed."""
+    src, mnt, m, disk = one_disk(tmp_path, mount_factory, 4096)
     (src / ".vrfs" / "settings.json").mkdir()  # a rename over it fails
     with pytest.raises(OSError) as caught:
         os.setxattr(disk, "user.vrfs.rpo", b"30s")
@@ -266,13 +272,7 @@ def test_a_setting_that_cannot_be_saved_is_refused_and_not_in_effect(tmp_path, m
 def test_a_setting_on_a_new_disk_survives_kill_9_of_the_mount(tmp_path, mount_factory) -> None:
     """A disk created through the mount, given a setting, and the daemon
     killed before its first checkpoint: the setting is still the disk's."""
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    src.mkdir()
-    mnt.mkdir()
-    m = mount_factory(src, mnt, "--rpo", "2s")
-    (mnt / "vm1").mkdir()
-    disk = mnt / "vm1" / "a.raw"
-    disk.write_bytes(b"x" * 70_000)
+    src, mnt, m, disk = one_disk(tmp_path, mount_factory, 70_000)
     os.setxattr(disk, "user.vrfs.rpo", b"30s")
     os.setxattr(disk, "user.vrfs.priority", b"7")
     m.kill()
