@@ -115,9 +115,13 @@ class RpoWatch:
             heapq.heapify(self._heap)
 
     async def run(self) -> None:
-        """Look at every group once, then only at what is touched or falls due."""
-        for group in self.monitor.group_names():
-            self._touched.add(group)
+        """Look at every group once, then only at what is touched or falls due.
+        Nothing here may end the task: it runs beside the shipper, in the
+        mount that serves the VMs' disks."""
+        try:
+            self._touched.update(self.monitor.group_names())
+        except Exception:
+            log.exception("RPO watch: cannot list the groups; it looks at each as it changes")
         while True:
             try:
                 more = self.check()

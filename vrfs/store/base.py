@@ -221,8 +221,6 @@ class Store(ABC):
                 out.append((f.parent.name, f.name[: -len(".json")], str(exc)))
         return out
 
-    # --- journals -----------------------------------------------------------
-
     # --- cycles: what the receiver does with a store ---------------------------
     #
     # begin_cycle gives the cycle being staged (a Journal: write blocks with
